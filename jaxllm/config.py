@@ -1,0 +1,280 @@
+"""The configuration schema: every field, its default and its meaning, and the checks run at start-up.
+
+Configs are Python files (`configs/*.py`) whose `get_config()` starts from `default_config()` and changes
+what differs. Command-line overrides (`--config.model.n_layer=4`) are applied by `apply_overrides`.
+`validate` turns every mistake a user is likely to make into one `ConfigError` sentence that names the
+field and what to do.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import pathlib
+from typing import Any
+
+import ml_collections
+
+MODEL_NAMES = ("llama", "gpt2")
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots")
+DATA_SOURCES = ("synthetic", "hub", "local")
+TOKENIZERS = ("gpt2", "byte")
+OPTIMIZERS = ("adamw", "lion", "sgd")
+SCHEDULES = ("cos", "linear", "cosine", "wsd", "constant")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, described in one sentence for the user."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field jaxllm understands, with the reference system's defaults."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # parameter init and dropout; data order has its own seed (data.seed)
+
+    c.model = m = ml_collections.ConfigDict()
+    m.name = "llama"  # one of MODEL_NAMES
+    m.n_layer = 12
+    m.n_embd = 768
+    m.n_head = 12
+    m.n_kv_head = 0  # grouped-query attention: key/value heads; 0 = n_head (plain multi-head)
+    m.vocab_size = 50304  # GPT-2's 50257 padded to a multiple of 64
+    m.sequence_length = 512  # context length; gpt2 learns this many positions
+    m.mlp_hidden = 0  # MLP hidden width; 0 = the reference rule (gpt2: 4*d; llama: SwiGLU rule below)
+    m.mlp_multiple_of = 256  # llama: hidden = multiple_of rounding of int(2 * 4 * d / 3)
+    m.norm_eps = 1e-5
+    m.rope_theta = 10000.0
+    m.tie_embeddings = True  # LM head shares the token embedding
+    m.init_std = 0.02  # N(0, std); residual output projections use std / sqrt(2 * n_layer)
+    m.dropout = 0.0
+    m.dtype = "float32"  # compute dtype: float32 or bfloat16 (norms, softmax, logits, loss stay float32)
+    m.param_dtype = "float32"
+    m.remat = "none"  # rematerialise each block in the backward pass: none, full, dots (save matmuls)
+
+    c.data = d = ml_collections.ConfigDict()
+    d.source = "synthetic"  # synthetic (built-in, no download), hub (Hugging Face dataset), local (files)
+    d.path = ""  # hub: dataset name (DKYoon/SlimPajama-6B); local: parquet/jsonl file or folder
+    d.text_field = "text"
+    d.val_split = ""  # "" = carve validation documents out of train (the reference); else a split name
+    d.val_fraction = 0.0005  # reference: train_test_split(test_size=0.0005, seed=2357, shuffle=True)
+    d.split_seed = 2357
+    d.max_documents = 0  # use only the first N training documents; 0 = all
+    d.synthetic_documents = 20000  # size of the built-in synthetic corpus (train + validation)
+    d.tokenizer = "gpt2"  # gpt2 (tiktoken BPE, 50257 ids) or byte (256 bytes + EOT, for fast tests)
+    d.tokenizer_path = ""  # a local gpt2.tiktoken file; also JAXLLM_GPT2_TIKTOKEN
+    d.cache_dir = ""  # where prepared token memmaps live; "" = $JAXLLM_CACHE or ~/.cache/jaxllm
+    d.num_proc = 2  # tokenizer processes in prepare
+    d.seed = 1337  # the order of training windows is a pure function of (data.seed, step)
+
+    c.loss = lo = ml_collections.ConfigDict()
+    lo.label_smoothing = 0.0
+    lo.z_loss = 0.0  # coefficient of mean(logsumexp(logits)^2)
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.name = "adamw"  # one of OPTIMIZERS
+    o.lr = 1e-3  # peak learning rate
+    o.beta1 = 0.9
+    o.beta2 = 0.95
+    o.eps = 1e-8
+    o.weight_decay = 0.1  # decoupled; only on linear-layer weight matrices
+    o.momentum = 0.9  # sgd only
+    o.grad_clip = 1.0  # global-norm clipping; 0 = off
+    o.schedule = "cos"  # cos/linear: the reference one-cycle; cosine: warmup + cosine; wsd; constant
+    o.warmup_pct = 0.05  # one-cycle pct_start; also the warm-up of cosine/wsd/constant when warmup_steps=0
+    o.warmup_steps = 0  # cosine/wsd/constant: explicit warm-up steps (overrides warmup_pct)
+    o.div_factor = 100.0  # one-cycle: start at lr / div_factor
+    o.final_div_factor = 0.1  # one-cycle: end at lr / div_factor / final_div_factor
+    o.min_lr_ratio = 0.1  # cosine/wsd: final lr = lr * min_lr_ratio
+    o.decay_pct = 0.2  # wsd: fraction of steps spent decaying at the end
+
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 10000  # optimizer steps
+    t.batch_size = 32  # sequences per micro-batch, over all devices
+    t.grad_accum = 4  # micro-batches per optimizer step (token-mean, = one batch grad_accum times bigger)
+    t.log_every = 10
+    t.eval_every = 200
+    t.eval_batches = 24  # the fixed validation batches used at every evaluation
+    t.full_eval_at_end = True  # evaluate every validation window once after the last step
+    t.checkpoint_every = 1000
+    t.keep_checkpoints = 2
+    t.max_duration_s = 0.0  # wall-clock budget of the run in seconds (the hackathon: 3 h); 0 = none
+    t.progress = True  # console progress bar
+    t.num_devices = 0  # devices in the data-parallel mesh; 0 = all visible devices
+    return c
+
+
+def _closest(name: str, options) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.0)
+    return match[0] if match else ""
+
+
+def check_fields(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None,
+                 prefix: str = "") -> None:
+    """Raise ConfigError for any field that the schema does not define, naming the closest valid one."""
+    reference = default_config() if reference is None else reference
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if key not in reference:
+            near = _closest(key, reference.keys())
+            raise ConfigError(f"unknown config field '{path}'; did you mean '{prefix}{near}'?")
+        if isinstance(reference[key], ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise ConfigError(f"config field '{path}' is a section; set its fields, e.g. '{path}.{next(iter(reference[key].keys()))}'")
+            check_fields(value, reference[key], prefix=f"{path}.")
+
+
+def _parse_value(text: str, current: Any, path: str) -> Any:
+    if isinstance(current, bool):
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"config field '{path}' is true/false, got '{text}'")
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                raise ConfigError(f"config field '{path}' is an integer, got '{text}'") from None
+            if value != int(value):
+                raise ConfigError(f"config field '{path}' is an integer, got '{text}'")
+            return int(value)
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"config field '{path}' is a number, got '{text}'") from None
+    return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
+    """Apply `a.b=value` overrides (the text after `--config.`), parsing each by the field's type."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '--config.{item}' has no value; write --config.{item}=VALUE")
+        path, text = item.split("=", 1)
+        node = config
+        keys = path.split(".")
+        for depth, key in enumerate(keys):
+            prefix = ".".join(keys[:depth])
+            if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+                options = node.keys() if isinstance(node, ml_collections.ConfigDict) else []
+                near = _closest(key, options)
+                dotted = f"{prefix}.{near}" if prefix else near
+                raise ConfigError(f"unknown config field '{path}'; did you mean '{dotted}'?")
+            if depth < len(keys) - 1:
+                node = node[key]
+        current = node[keys[-1]]
+        if isinstance(current, ml_collections.ConfigDict):
+            raise ConfigError(f"config field '{path}' is a section, not a value; set one of its fields")
+        with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
+            node[keys[-1]] = _parse_value(text, current, path)
+    return config
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
+    """Load `get_config()` from a Python config file, apply overrides and validate."""
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; pass one of configs/*.py")
+    spec = importlib.util.spec_from_file_location(f"jaxllm_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file '{path}' defines no get_config(); it must return a ConfigDict")
+    config = module.get_config()
+    check_fields(config)
+    apply_overrides(config, overrides or [])
+    validate(config)
+    return config
+
+
+def _choice(value, options, path):
+    if value not in options:
+        near = _closest(str(value), options)
+        raise ConfigError(f"config field '{path}' is '{value}'; choose one of {', '.join(options)} (closest: '{near}')")
+
+
+def _positive(value, path, allow_zero=False):
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"config field '{path}' is {value}; it must be {bound}")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Check values and their relations; raise ConfigError with one sentence on the first problem."""
+    check_fields(config)
+    m, d, o, t = config.model, config.data, config.optim, config.train
+    _choice(m.name, MODEL_NAMES, "model.name")
+    _choice(m.dtype, DTYPES, "model.dtype")
+    _choice(m.param_dtype, DTYPES, "model.param_dtype")
+    _choice(m.remat, REMAT_POLICIES, "model.remat")
+    _choice(d.source, DATA_SOURCES, "data.source")
+    _choice(d.tokenizer, TOKENIZERS, "data.tokenizer")
+    _choice(o.name, OPTIMIZERS, "optim.name")
+    _choice(o.schedule, SCHEDULES, "optim.schedule")
+    for path in ("model.n_layer", "model.n_embd", "model.n_head", "model.vocab_size", "model.sequence_length",
+                 "model.mlp_multiple_of", "train.steps", "train.batch_size", "train.grad_accum",
+                 "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+                 "optim.lr", "optim.div_factor", "optim.final_div_factor"):
+        section, field = path.split(".")
+        _positive(config[section][field], path)
+    for path in ("model.n_kv_head", "model.mlp_hidden", "model.dropout", "optim.weight_decay", "optim.grad_clip",
+                 "optim.warmup_steps", "train.eval_batches", "train.num_devices", "train.max_duration_s", "loss.label_smoothing",
+                 "loss.z_loss", "data.max_documents"):
+        section, field = path.split(".")
+        _positive(config[section][field], path, allow_zero=True)
+    if m.n_embd % m.n_head:
+        raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
+                          f"try n_head={_divisor_near(m.n_embd, m.n_head)}")
+    head_dim = m.n_embd // m.n_head
+    if m.name == "llama" and head_dim % 2:
+        raise ConfigError(f"RoPE needs an even head size, but n_embd/n_head = {head_dim}; change model.n_head")
+    n_kv = m.n_kv_head or m.n_head
+    if m.n_head % n_kv:
+        raise ConfigError(f"model.n_head ({m.n_head}) must be a multiple of model.n_kv_head ({n_kv})")
+    if m.name == "gpt2" and m.n_kv_head not in (0, m.n_head):
+        raise ConfigError("model.n_kv_head (grouped-query attention) is only for llama; set it to 0 for gpt2")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout is {m.dropout}; it must be in [0, 1)")
+    if not 0 <= config.loss.label_smoothing < 1:
+        raise ConfigError(f"loss.label_smoothing is {config.loss.label_smoothing}; it must be in [0, 1)")
+    if not 0 < o.warmup_pct < 1:
+        raise ConfigError(f"optim.warmup_pct is {o.warmup_pct}; it must be in (0, 1)")
+    if not 0 <= o.decay_pct <= 1:
+        raise ConfigError(f"optim.decay_pct is {o.decay_pct}; it must be in [0, 1]")
+    if o.schedule in ("cosine", "wsd", "constant") and o.warmup_steps >= t.steps:
+        raise ConfigError(f"optim.warmup_steps ({o.warmup_steps}) must be smaller than train.steps ({t.steps})")
+    if d.source in ("hub", "local") and not d.path:
+        what = "a dataset name such as DKYoon/SlimPajama-6B" if d.source == "hub" else "a file or folder"
+        raise ConfigError(f"data.source is '{d.source}' but data.path is empty; set --config.data.path to {what}")
+    if not 0 < d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction is {d.val_fraction}; it must be in (0, 1)")
+    return config
+
+
+def _divisor_near(n: int, k: int) -> int:
+    divisors = [x for x in range(1, n + 1) if n % x == 0]
+    return min(divisors, key=lambda x: (abs(x - k), x))
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    """The resolved config as stable, indented JSON (written to the workdir)."""
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(json.loads(text))
