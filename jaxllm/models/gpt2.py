@@ -1,0 +1,84 @@
+"""GPT-2 (the hackathon baseline): learned positions, pre-LayerNorm blocks, exact-GELU MLP, tied LM head.
+
+Parameter tree: embed/embedding [V, D], pos_embed/embedding [T, D], blocks_i/{ln_1, attn/{q,k,v,o},
+ln_2, mlp/{fc, proj}}, ln_f, and lm_head/kernel [D, V] if untied (the reference ties); every linear weight is a "kernel", every norm weight a "scale".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxllm.models import layers
+
+Dtype = Any
+
+
+class Block(nn.Module):
+    """x + attn(ln_1(x)), then x + mlp(ln_2(x)); [B, L, D] -> [B, L, D] in the compute dtype."""
+
+    n_layer: int
+    n_head: int
+    mlp_hidden: int
+    norm_eps: float
+    init_std: float
+    dropout: float
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array, deterministic: bool = True) -> jax.Array:
+        out_std = layers.residual_std(self.init_std, self.n_layer)
+        norm = dict(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = layers.CausalSelfAttention(
+            n_head=self.n_head, n_kv_head=self.n_head, init_std=self.init_std, out_std=out_std,
+            use_rope=False, dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")
+        mlp = layers.GeluMLP(hidden=self.mlp_hidden, init_std=self.init_std, out_std=out_std, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name="mlp")
+        h_BxLxD = attn(layers.LayerNorm(**norm, name="ln_1")(x_BxLxD), deterministic)
+        x_BxLxD = x_BxLxD + nn.Dropout(self.dropout)(h_BxLxD, deterministic=deterministic)
+        h_BxLxD = mlp(layers.LayerNorm(**norm, name="ln_2")(x_BxLxD))
+        return x_BxLxD + nn.Dropout(self.dropout)(h_BxLxD, deterministic=deterministic)
+
+
+class GPT2(nn.Module):
+    """tokens int32 [B, L] (L <= sequence_length) -> logits float32 [B, L, V]."""
+
+    vocab_size: int
+    sequence_length: int
+    n_layer: int
+    n_embd: int
+    n_head: int
+    mlp_hidden: int
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True) -> jax.Array:
+        l = tokens_BxL.shape[1]
+        embed = nn.Embed(self.vocab_size, self.n_embd, dtype=self.dtype, param_dtype=self.param_dtype,
+                         embedding_init=layers.normal(self.init_std), name="embed")
+        pos_embed = nn.Embed(self.sequence_length, self.n_embd, dtype=self.dtype, param_dtype=self.param_dtype,
+                             embedding_init=layers.normal(self.init_std), name="pos_embed")
+        x_BxLxD = embed(tokens_BxL) + pos_embed(jnp.arange(l))[None]
+        x_BxLxD = nn.Dropout(self.dropout)(x_BxLxD, deterministic=deterministic)
+        block_cls = layers.remat_block(Block, self.remat)
+        for i in range(self.n_layer):
+            x_BxLxD = block_cls(n_layer=self.n_layer, n_head=self.n_head, mlp_hidden=self.mlp_hidden,
+                                norm_eps=self.norm_eps, init_std=self.init_std, dropout=self.dropout,
+                                dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{i}")(
+                                    x_BxLxD, deterministic)
+        x_BxLxD = layers.LayerNorm(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                                   name="ln_f")(x_BxLxD)
+        if self.tie_embeddings:
+            return layers.tied_logits(x_BxLxD, embed.embedding, self.dtype)
+        head = layers.lm_head(self.vocab_size, self.init_std, self.dtype, self.param_dtype)
+        return head(x_BxLxD).astype(jnp.float32)

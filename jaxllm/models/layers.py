@@ -1,0 +1,219 @@
+"""The building blocks both models share: norms, RoPE, causal attention, MLPs, remat and the LM head.
+
+Dtype policy (the same in every block): parameters are stored in `param_dtype` (float32); matmuls run in
+the compute `dtype` (float32 or bfloat16); norms, RoPE angles and the attention softmax are computed in
+float32 and cast back to `dtype`; logits are float32.
+
+Shape letters: B batch, L query positions, M key positions, D model width, H query heads, G key/value
+heads, R query heads per key/value head (H = G * R), K head size, F MLP hidden width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def normal(std: float) -> nn.initializers.Initializer:
+    """N(0, std^2), the reference init (PyTorch `normal_`, not truncated)."""
+    return nn.initializers.normal(stddev=std)
+
+
+def residual_std(init_std: float, n_layer: int) -> float:
+    """Std of the projections that write into the residual stream: init_std / sqrt(2 * n_layer)."""
+    return init_std / math.sqrt(2 * n_layer)
+
+
+def mlp_hidden(model_cfg) -> int:
+    """MLP hidden width F: `model_cfg.mlp_hidden` if > 0, else gpt2: 4*d; llama: the SwiGLU rule.
+
+    The SwiGLU rule rounds int(2 * 4 * d / 3) up to a multiple of `mlp_multiple_of` (2048 at d=768,
+    2816 at d=1024), which keeps the parameter count of a 4*d GELU MLP.
+    """
+    if model_cfg.mlp_hidden > 0:
+        return int(model_cfg.mlp_hidden)
+    d = model_cfg.n_embd
+    if model_cfg.name == "gpt2":
+        return 4 * d
+    h, m = int(2 * 4 * d / 3), model_cfg.mlp_multiple_of
+    return m * ((h + m - 1) // m)
+
+
+def dense(features: int, std: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
+    """A bias-free linear layer whose weight is a leaf named "kernel" (the weight-decay mask keys on it)."""
+    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=normal(std),
+                    name=name)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * scale over the last axis, computed in float32, returned in `dtype`."""
+
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        scale_D = self.param("scale", nn.initializers.ones, (x_BxLxD.shape[-1],), self.param_dtype)
+        x32_BxLxD = x_BxLxD.astype(jnp.float32)
+        ms_BxLx1 = jnp.mean(jnp.square(x32_BxLxD), axis=-1, keepdims=True)
+        y32_BxLxD = x32_BxLxD * jax.lax.rsqrt(ms_BxLx1 + self.eps) * scale_D.astype(jnp.float32)
+        return y32_BxLxD.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """(x - mean) / sqrt(var + eps) * scale over the last axis (no bias, as the reference), in float32."""
+
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        scale_D = self.param("scale", nn.initializers.ones, (x_BxLxD.shape[-1],), self.param_dtype)
+        x32_BxLxD = x_BxLxD.astype(jnp.float32)
+        mean_BxLx1 = jnp.mean(x32_BxLxD, axis=-1, keepdims=True)
+        centered_BxLxD = x32_BxLxD - mean_BxLx1
+        var_BxLx1 = jnp.mean(jnp.square(centered_BxLxD), axis=-1, keepdims=True)
+        y32_BxLxD = centered_BxLxD * jax.lax.rsqrt(var_BxLx1 + self.eps) * scale_D.astype(jnp.float32)
+        return y32_BxLxD.astype(self.dtype)
+
+
+def rope_angles(positions_L: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of the RoPE angles, each float32 [L, K/2]: angle(p, i) = p * theta^(-2i/K).
+
+    Positions are cast to float32 first: in bfloat16 (8 mantissa bits) integers above 256 are rounded,
+    which would silently give distant tokens the same angle.
+    """
+    positions_L = positions_L.astype(jnp.float32)
+    inv_freq_half = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles_LxHalf = positions_L[:, None] * inv_freq_half[None, :]
+    return jnp.cos(angles_LxHalf), jnp.sin(angles_LxHalf)
+
+
+def apply_rope(x_BxLxNxK: jax.Array, cos_LxHalf: jax.Array, sin_LxHalf: jax.Array) -> jax.Array:
+    """Rotate each adjacent pair (2i, 2i+1) of every head's K dims by angle(position, i).
+
+    x is [B, L, N, K] with any number N of heads; the rotation is done in float32 and the result is
+    returned in x's dtype.
+    """
+    b, l, n, k = x_BxLxNxK.shape
+    x_BxLxNxHalfx2 = x_BxLxNxK.astype(jnp.float32).reshape(b, l, n, k // 2, 2)
+    x0, x1 = x_BxLxNxHalfx2[..., 0], x_BxLxNxHalfx2[..., 1]
+    cos = cos_LxHalf[None, :, None, :]
+    sin = sin_LxHalf[None, :, None, :]
+    rotated_BxLxNxHalfx2 = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+    return rotated_BxLxNxHalfx2.reshape(b, l, n, k).astype(x_BxLxNxK.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal multi-head (or grouped-query) self-attention, optionally with RoPE on queries and keys.
+
+    Projections q [D, H*K], k and v [D, G*K], o [H*K, D], all bias-free. Each of the G key/value heads
+    serves R = H/G consecutive query heads. Scores use scale 1/sqrt(K) and a float32 softmax. Heads stay
+    on the axis after positions ([B, L, G, R, K]) so no transposes are needed around the projections.
+    """
+
+    n_head: int
+    n_kv_head: int
+    init_std: float
+    out_std: float
+    use_rope: bool = False
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array, deterministic: bool = True) -> jax.Array:
+        b, l, d = x_BxLxD.shape
+        h, g = self.n_head, self.n_kv_head
+        r, k = h // g, d // h
+        proj = functools.partial(dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        q_BxLxHxK = proj(h * k, self.init_std, name="q")(x_BxLxD).reshape(b, l, h, k)
+        k_BxLxGxK = proj(g * k, self.init_std, name="k")(x_BxLxD).reshape(b, l, g, k)
+        v_BxLxGxK = proj(g * k, self.init_std, name="v")(x_BxLxD).reshape(b, l, g, k)
+        if self.use_rope:
+            cos_LxHalf, sin_LxHalf = rope_angles(jnp.arange(l), k, self.rope_theta)
+            q_BxLxHxK = apply_rope(q_BxLxHxK, cos_LxHalf, sin_LxHalf)
+            k_BxLxGxK = apply_rope(k_BxLxGxK, cos_LxHalf, sin_LxHalf)
+        # Query head h = g * R + r uses key/value head g (the PyTorch repeat_interleave convention).
+        q_BxLxGxRxK = q_BxLxHxK.reshape(b, l, g, r, k)
+        scores_BxGxRxLxM = jnp.einsum("blgrk,bmgk->bgrlm", q_BxLxGxRxK, k_BxLxGxK,
+                                      preferred_element_type=jnp.float32) / math.sqrt(k)
+        causal_LxM = jnp.tril(jnp.ones((l, l), dtype=jnp.bool_))
+        scores_BxGxRxLxM = jnp.where(causal_LxM, scores_BxGxRxLxM, jnp.finfo(jnp.float32).min)
+        probs_BxGxRxLxM = jax.nn.softmax(scores_BxGxRxLxM, axis=-1)
+        probs_BxGxRxLxM = nn.Dropout(self.dropout)(probs_BxGxRxLxM, deterministic=deterministic)
+        out_BxLxGxRxK = jnp.einsum("bgrlm,bmgk->blgrk", probs_BxGxRxLxM.astype(self.dtype), v_BxLxGxK)
+        return proj(d, self.out_std, name="o")(out_BxLxGxRxK.reshape(b, l, h * k))
+
+
+class GeluMLP(nn.Module):
+    """GPT-2 MLP: D -> F ("fc"), exact GELU, F -> D ("proj"), bias-free."""
+
+    hidden: int
+    init_std: float
+    out_std: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        proj = functools.partial(dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        h_BxLxF = nn.gelu(proj(self.hidden, self.init_std, name="fc")(x_BxLxD), approximate=False)
+        return proj(x_BxLxD.shape[-1], self.out_std, name="proj")(h_BxLxF)
+
+
+class SwiGLU(nn.Module):
+    """Llama MLP: w2(silu(w1(x)) * w3(x)); w1 gate and w3 up are D -> F, w2 down is F -> D, bias-free."""
+
+    hidden: int
+    init_std: float
+    out_std: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        proj = functools.partial(dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        gate_BxLxF = proj(self.hidden, self.init_std, name="w1")(x_BxLxD)
+        up_BxLxF = proj(self.hidden, self.init_std, name="w3")(x_BxLxD)
+        return proj(x_BxLxD.shape[-1], self.out_std, name="w2")(nn.silu(gate_BxLxF) * up_BxLxF)
+
+
+def remat_block(block_cls: type[nn.Module], remat: str) -> type[nn.Module]:
+    """The block class wrapped for rematerialisation: none, full (recompute all), dots (save matmuls).
+
+    "dots" saves the outputs of matmuls without batch dimensions (the projections and MLP) and recomputes
+    the attention einsums and elementwise ops. The wrapped block's parameters keep the same names, so
+    one parameter tree serves every policy. `deterministic` (argument 2, counting self) is static.
+    """
+    if remat == "none":
+        return block_cls
+    if remat == "full":
+        return nn.remat(block_cls, static_argnums=(2,))
+    if remat == "dots":
+        return nn.remat(block_cls, static_argnums=(2,),
+                        policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    raise ValueError(f"model.remat is '{remat}'; choose one of none, full, dots")
+
+
+def tied_logits(x_BxLxD: jax.Array, embedding_VxD: jax.Array, dtype: Dtype) -> jax.Array:
+    """LM head sharing the token embedding: x @ E^T in `dtype` with float32 accumulation and output."""
+    return jnp.einsum("bld,vd->blv", x_BxLxD.astype(dtype), embedding_VxD.astype(dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def lm_head(vocab_size: int, std: float, dtype: Dtype, param_dtype: Dtype) -> nn.Dense:
+    """Untied LM head "lm_head" (kernel [D, V]) whose matmul accumulates and returns float32."""
+    return nn.Dense(vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=normal(std),
+                    dot_general=functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32),
+                    name="lm_head")

@@ -1,0 +1,85 @@
+"""Llama: RMSNorm (float32), RoPE attention with optional grouped-query heads, SwiGLU MLP, no positions.
+
+Parameter tree: embed/embedding [V, D], blocks_i/{attn_norm, attn/{q,k,v,o}, mlp_norm, mlp/{w1,w3,w2}},
+norm_f, and lm_head/kernel [D, V] when the head is untied; every linear weight is a "kernel", every norm
+weight a "scale".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxllm.models import layers
+
+Dtype = Any
+
+
+class Block(nn.Module):
+    """x + attn(rmsnorm(x)), then x + swiglu(rmsnorm(x)); [B, L, D] -> [B, L, D] in the compute dtype."""
+
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    mlp_hidden: int
+    norm_eps: float
+    rope_theta: float
+    init_std: float
+    dropout: float
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array, deterministic: bool = True) -> jax.Array:
+        out_std = layers.residual_std(self.init_std, self.n_layer)
+        norm = dict(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = layers.CausalSelfAttention(
+            n_head=self.n_head, n_kv_head=self.n_kv_head, init_std=self.init_std, out_std=out_std,
+            use_rope=True, rope_theta=self.rope_theta, dropout=self.dropout, dtype=self.dtype,
+            param_dtype=self.param_dtype, name="attn")
+        mlp = layers.SwiGLU(hidden=self.mlp_hidden, init_std=self.init_std, out_std=out_std, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name="mlp")
+        h_BxLxD = attn(layers.RMSNorm(**norm, name="attn_norm")(x_BxLxD), deterministic)
+        x_BxLxD = x_BxLxD + nn.Dropout(self.dropout)(h_BxLxD, deterministic=deterministic)
+        h_BxLxD = mlp(layers.RMSNorm(**norm, name="mlp_norm")(x_BxLxD))
+        return x_BxLxD + nn.Dropout(self.dropout)(h_BxLxD, deterministic=deterministic)
+
+
+class Llama(nn.Module):
+    """tokens int32 [B, L] -> logits float32 [B, L, V]; n_kv_head key/value heads (= n_head: plain MHA)."""
+
+    vocab_size: int
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_kv_head: int
+    mlp_hidden: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True) -> jax.Array:
+        embed = nn.Embed(self.vocab_size, self.n_embd, dtype=self.dtype, param_dtype=self.param_dtype,
+                         embedding_init=layers.normal(self.init_std), name="embed")
+        x_BxLxD = nn.Dropout(self.dropout)(embed(tokens_BxL), deterministic=deterministic)
+        block_cls = layers.remat_block(Block, self.remat)
+        for i in range(self.n_layer):
+            x_BxLxD = block_cls(n_layer=self.n_layer, n_head=self.n_head, n_kv_head=self.n_kv_head,
+                                mlp_hidden=self.mlp_hidden, norm_eps=self.norm_eps, rope_theta=self.rope_theta,
+                                init_std=self.init_std, dropout=self.dropout, dtype=self.dtype,
+                                param_dtype=self.param_dtype, name=f"blocks_{i}")(x_BxLxD, deterministic)
+        x_BxLxD = layers.RMSNorm(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 name="norm_f")(x_BxLxD)
+        if self.tie_embeddings:
+            return layers.tied_logits(x_BxLxD, embed.embedding, self.dtype)
+        head = layers.lm_head(self.vocab_size, self.init_std, self.dtype, self.param_dtype)
+        return head(x_BxLxD).astype(jnp.float32)
