@@ -1,0 +1,177 @@
+"""Learning-rate schedules and the optimizer chain.
+
+The schedule is a pure function of the optimizer step (int32, traced or not) returning a float32 scalar;
+the training step logs `schedule(step)`, which is the learning rate that step's update uses (optax counts
+updates from 0, as PyTorch's scheduler does before its first `scheduler.step()`).
+
+Weight decay is decoupled from the gradient statistics and multiplied by the learning rate, as in PyTorch
+AdamW (`p -= lr * wd * p`), and applies only to linear-layer weight matrices (`decay_mask`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+ANNEALS = ("cos", "linear")
+
+
+def _anneal(start: float, end: float, progress: jax.Array, remaining: jax.Array, anneal: str) -> jax.Array:
+    """Interpolate from `start` to `end`; `progress` and `remaining` = 1 - progress are float32 in [0, 1].
+
+    Written as start * w_start + end * w_end with both weights >= 0, so no large terms cancel: PyTorch's
+    `end + (start - end) / 2 * (cos(pi * p) + 1)` loses most digits of a tiny `end` in float32 (the 2025
+    settings end at lr / 250000). For cos, w_start = cos^2(pi p / 2) = sin^2(pi (1 - p) / 2); `remaining`
+    is passed in, not computed as 1 - progress, because that subtraction is what loses the digits near p = 1.
+    """
+    if anneal == "cos":
+        w_start = jnp.square(jnp.sin(0.5 * math.pi * remaining))
+        w_end = jnp.square(jnp.sin(0.5 * math.pi * progress))
+    else:
+        w_start, w_end = remaining, progress
+    return start * w_start + end * w_end
+
+
+def _phase(step_f: jax.Array, start_step: float, end_step: float, start_lr: float, end_lr: float,
+           anneal: str) -> jax.Array:
+    """One annealing phase over [start_step, end_step]; steps outside hold the nearer end's value."""
+    length = end_step - start_step
+    if length <= 0:  # a degenerate phase (e.g. pct_start * total_steps == 1) is already at its end
+        return jnp.full_like(step_f, end_lr)
+    progress = jnp.clip((step_f - start_step) / length, 0.0, 1.0)
+    remaining = jnp.clip((end_step - step_f) / length, 0.0, 1.0)
+    return _anneal(start_lr, end_lr, progress, remaining, anneal)
+
+
+def onecycle_schedule(peak_lr: float, total_steps: int, pct_start: float = 0.05, anneal: str = "cos",
+                      div_factor: float = 100.0, final_div_factor: float = 0.1) -> optax.Schedule:
+    """PyTorch OneCycleLR (three_phase=False) as a jit-traceable function of the step.
+
+    initial = peak_lr / div_factor, min = initial / final_div_factor. Phase 1 runs from step 0 to
+    end1 = float(pct_start * total_steps) - 1, initial -> peak; phase 2 from end1 to total_steps - 1,
+    peak -> min; steps past total_steps - 1 hold min (PyTorch raises there). With the reference defaults
+    (div 100, final_div 0.1) that is lr/100 -> lr -> lr/10. Returns a float32 scalar.
+    """
+    if anneal not in ANNEALS:
+        raise ValueError(f"anneal is '{anneal}'; choose one of {', '.join(ANNEALS)}")
+    if total_steps < 1 or peak_lr <= 0 or not 0 < pct_start <= 1 or div_factor <= 0 or final_div_factor <= 0:
+        raise ValueError(f"onecycle_schedule needs peak_lr > 0, total_steps >= 1, 0 < pct_start <= 1 and "
+                         f"positive div factors; got {peak_lr}, {total_steps}, {pct_start}, {div_factor}, "
+                         f"{final_div_factor}")
+    initial_lr = peak_lr / div_factor
+    min_lr = initial_lr / final_div_factor
+    end1 = float(pct_start * total_steps) - 1  # PyTorch's own float arithmetic, kept on the host in float64
+    end2 = float(total_steps - 1)
+
+    def schedule(step) -> jax.Array:
+        step_f = jnp.asarray(step, jnp.float32)
+        warm = _phase(step_f, 0.0, end1, initial_lr, peak_lr, anneal)
+        down = _phase(step_f, end1, end2, peak_lr, min_lr, anneal)
+        # PyTorch picks phase 1 while step <= end1, else the last phase.
+        return jnp.where(step_f <= end1, warm, down).astype(jnp.float32)
+
+    return schedule
+
+
+def warmup_steps(config) -> int:
+    """Warm-up length of cosine/wsd/constant: optim.warmup_steps if set, else int(warmup_pct * train.steps)."""
+    o = config.optim
+    return int(o.warmup_steps) if o.warmup_steps > 0 else int(o.warmup_pct * config.train.steps)
+
+
+def _warmup_then(lr: float, warmup: int, after) -> optax.Schedule:
+    """Linear warm-up 0 -> lr over `warmup` steps (lr * step / warmup), then `after(step_f)`."""
+
+    def schedule(step) -> jax.Array:
+        step_f = jnp.asarray(step, jnp.float32)
+        rest = after(step_f)
+        if warmup <= 0:
+            return jnp.asarray(rest, jnp.float32)
+        ramp = lr * jnp.clip(step_f / warmup, 0.0, 1.0)
+        return jnp.where(step_f < warmup, ramp, rest).astype(jnp.float32)
+
+    return schedule
+
+
+def make_schedule(config) -> optax.Schedule:
+    """The learning rate as a function of the optimizer step, from `config.optim` and `config.train.steps`.
+
+    cos/linear: `onecycle_schedule` (pct_start = warmup_pct, div_factor, final_div_factor).
+    cosine: linear warm-up 0 -> lr, then cosine to lr * min_lr_ratio at step train.steps.
+    wsd: linear warm-up, constant lr, then linear decay to lr * min_lr_ratio over the last decay_pct of
+      train.steps (reached at step train.steps).
+    constant: linear warm-up, then lr.
+    """
+    o, steps = config.optim, int(config.train.steps)
+    lr = float(o.lr)
+    if o.schedule in ANNEALS:
+        return onecycle_schedule(lr, steps, pct_start=o.warmup_pct, anneal=o.schedule,
+                                 div_factor=o.div_factor, final_div_factor=o.final_div_factor)
+    warmup = warmup_steps(config)
+    min_lr = lr * float(o.min_lr_ratio)
+    if o.schedule == "cosine":
+        return _warmup_then(lr, warmup, lambda s: _phase(s, float(warmup), float(steps), lr, min_lr, "cos"))
+    if o.schedule == "wsd":
+        # The decay never eats into the warm-up, however large decay_pct is.
+        decay_start = max(steps - int(o.decay_pct * steps), warmup)
+        return _warmup_then(lr, warmup,
+                            lambda s: _phase(s, float(decay_start), float(steps), lr, min_lr, "linear"))
+    if o.schedule == "constant":
+        return _warmup_then(lr, warmup, lambda s: jnp.full_like(s, lr))
+    raise ValueError(f"optim.schedule is '{o.schedule}'; choose one of cos, linear, cosine, wsd, constant")
+
+
+def learning_rate(config, step) -> jax.Array:
+    """The learning rate of optimizer step `step` (float32 scalar): `make_schedule(config)(step)`."""
+    return make_schedule(config)(step)
+
+
+def _key_name(key) -> Any:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return getattr(key, attr)
+    return key
+
+
+def decay_mask(params) -> Any:
+    """A pytree of bools like `params`: True only for linear-layer weight matrices.
+
+    That is a leaf whose last path key is "kernel" and which has ndim >= 2. Embeddings ("embedding"),
+    norm scales ("scale"), biases and learned positions are never decayed (the reference's rule).
+    """
+
+    def is_matrix(path, leaf) -> bool:
+        return bool(path) and _key_name(path[-1]) == "kernel" and jnp.ndim(leaf) >= 2
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """Global-norm clipping (if optim.grad_clip > 0), then the optimizer named by optim.name.
+
+    adamw: optax.adamw with betas, eps and decoupled, lr-scaled weight decay on `decay_mask` leaves
+      (the same update as torch.optim.AdamW).
+    lion: optax.lion with betas and the same masked, decoupled weight decay.
+    sgd: heavy-ball momentum (optim.momentum) on the gradient, plus the masked decay added after the
+      momentum (decoupled: it does not accumulate in the momentum), all times -lr.
+    The learning rate follows `make_schedule(config)`.
+    """
+    o = config.optim
+    schedule = make_schedule(config)
+    if o.name == "adamw":
+        opt = optax.adamw(schedule, b1=o.beta1, b2=o.beta2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)
+    elif o.name == "lion":
+        opt = optax.lion(schedule, b1=o.beta1, b2=o.beta2, weight_decay=o.weight_decay, mask=decay_mask)
+    elif o.name == "sgd":
+        opt = optax.chain(optax.trace(decay=o.momentum),
+                          optax.add_decayed_weights(o.weight_decay, mask=decay_mask),
+                          optax.scale_by_learning_rate(schedule))
+    else:
+        raise ValueError(f"optim.name is '{o.name}'; choose one of adamw, lion, sgd")
+    if o.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)
+    return opt
