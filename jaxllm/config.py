@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import json
 import pathlib
+import sys
 from typing import Any
 
 import ml_collections
@@ -192,7 +193,12 @@ def load_config(path: str, overrides: list[str] | None = None) -> ml_collections
         raise ConfigError(f"config file '{path}' does not exist; pass one of configs/*.py")
     spec = importlib.util.spec_from_file_location(f"jaxllm_config_{file.stem}", file)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # Presets import the preset they derive from (`import baseline`): let them see their own folder.
+    sys.path.insert(0, str(file.parent.resolve()))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file '{path}' defines no get_config(); it must return a ConfigDict")
     config = module.get_config()

@@ -1,0 +1,82 @@
+"""Orbax checkpoints of the train state, with the model's shape written beside them.
+
+Each checkpoint is a step folder holding the `TrainState` pytree and a small JSON of metadata (the model
+config, tokens seen, wall-clock time used). Orbax writes a step into a temporary folder and renames it when
+complete, so a kill in the middle of a save leaves the previous checkpoint as the newest valid one.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+# Model fields that change parameter shapes: a checkpoint can only be restored into the same values.
+SHAPE_FIELDS = ("name", "n_layer", "n_embd", "n_head", "n_kv_head", "vocab_size", "mlp_hidden",
+                "mlp_multiple_of", "tie_embeddings", "param_dtype")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used with this config, described for the user."""
+
+
+def shape_signature(model_cfg) -> dict[str, Any]:
+    """The model fields a checkpoint must agree on (plus sequence_length for gpt2's learned positions)."""
+    fields = SHAPE_FIELDS + (("sequence_length",) if model_cfg.name == "gpt2" else ())
+    return {name: model_cfg[name] for name in fields}
+
+
+class Checkpointer:
+    """Saves and restores `TrainState` under `directory`, keeping the newest `keep` steps."""
+
+    def __init__(self, directory: str | pathlib.Path, keep: int = 2):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
+                                               cleanup_tmp_directories=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state, meta: dict[str, Any]) -> None:
+        """Write `state` and `meta` as checkpoint `step` (a no-op if that step is already saved)."""
+        if step in self._manager.all_steps():
+            return
+        try:
+            self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                             meta=ocp.args.JsonSave(meta)), force=True)
+            self._manager.wait_until_finished()
+        except OSError as error:
+            raise CheckpointError(f"could not write checkpoint {step} to {self.directory} ({error.strerror or error}); "
+                                  f"free disk space or choose another --workdir; the previous checkpoint is intact") from error
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"])
+
+    def restore(self, step: int, abstract_state, shardings=None):
+        """Restore checkpoint `step` into arrays shaped like `abstract_state` (placed with `shardings`)."""
+        if shardings is not None:
+            abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                          abstract_state, shardings)
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                                       meta=ocp.args.JsonRestore()))
+        return restored["state"], dict(restored["meta"])
+
+    def check_compatible(self, step: int, model_cfg) -> None:
+        """Raise CheckpointError naming the first model field that differs from checkpoint `step`'s."""
+        saved = self.read_meta(step).get("model_shape", {})
+        current = shape_signature(model_cfg)
+        for name, value in current.items():
+            if name in saved and saved[name] != value:
+                raise CheckpointError(
+                    f"{self.directory} holds a checkpoint of a different model (model.{name} is {saved[name]} there, "
+                    f"{value} here); use a new --workdir or the same model settings")
+
+    def close(self) -> None:
+        self._manager.close()

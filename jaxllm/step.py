@@ -1,0 +1,116 @@
+"""The pure training and evaluation steps.
+
+`train_step(state, batch) -> (state, metrics)` is compiled once: the batch holds `grad_accum`
+micro-batches (`inputs_KxBxL`), the gradient is the token-mean over all of them (the same as one batch
+K times bigger, up to float rounding), and the dropout key is derived from the step, so the step has no
+hidden state. Parameters and optimizer state are replicated over the `data` mesh axis and the batch is
+split over it; XLA inserts the gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxllm import loss as loss_lib
+from jaxllm import sharding
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training, as one pytree (what a checkpoint holds)."""
+
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any
+    opt_state: Any
+
+
+def init_state(model: nn.Module, optimizer: optax.GradientTransformation, config) -> TrainState:
+    """Fresh parameters (from `config.seed`) and optimizer state."""
+    tokens_1xL = jnp.zeros((1, config.model.sequence_length), jnp.int32)
+    params = model.init(jax.random.key(config.seed), tokens_1xL)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def abstract_state(model: nn.Module, optimizer: optax.GradientTransformation, config) -> TrainState:
+    """The shapes and dtypes of `init_state`'s result, computed without allocating anything."""
+    return jax.eval_shape(lambda: init_state(model, optimizer, config))
+
+
+def _loss_sums(model: nn.Module, config, params, batch: Batch, dropout_key) -> loss_lib.LossSums:
+    deterministic = config.model.dropout == 0.0
+    rngs = None if deterministic else {"dropout": dropout_key}
+    logits_BxLxV = model.apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs)
+    return loss_lib.cross_entropy(logits_BxLxV, batch["targets"], batch["weights"],
+                                  label_smoothing=config.loss.label_smoothing, z_loss=config.loss.z_loss)
+
+
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    config) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The uncompiled train step; `compile_train_step` jits it with shardings and donation."""
+    base_key = jax.random.key(config.seed)
+
+    def grads_and_sums(params, micro: Batch, key):
+        def objective(p):
+            sums = _loss_sums(model, config, p, micro, key)
+            return sums.loss, sums
+
+        (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        return grads, sums
+
+    def train_step(state: TrainState, batch: Batch):
+        step_key = jax.random.fold_in(base_key, state.step)
+        n_micro = batch["inputs"].shape[0]
+        if n_micro == 1:
+            grads, sums = grads_and_sums(state.params, jax.tree.map(lambda x: x[0], batch), step_key)
+        else:
+            def accumulate(carry, xs):
+                micro, index = xs
+                grads, sums = grads_and_sums(state.params, micro, jax.random.fold_in(step_key, index))
+                return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+            first = jax.tree.map(lambda x: x[0], batch)
+            shapes = jax.eval_shape(grads_and_sums, state.params, first, step_key)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            (grads, sums), _ = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(n_micro)))
+        # The objective is a token sum: dividing by the token count makes it the token mean over all
+        # micro-batches, exactly what one big batch would give.
+        weight = jnp.maximum(sums.weight, 1.0)
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": sums.nll / weight,
+            "objective": sums.loss / weight,
+            "accuracy": sums.correct / weight,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(state.step),
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def compile_train_step(train_step, mesh):
+    """jit the train step: state replicated and donated, batch `[K, B, L]` split along B."""
+    replicated = sharding.replicated(mesh)
+    return jax.jit(train_step, in_shardings=(replicated, sharding.batch_sharding(mesh, batch_axis=1)),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def make_eval_step(model: nn.Module, config, mesh):
+    """jit `eval_step(params, batch) -> LossSums` for one `[B, L]` batch (sums: combine over batches)."""
+    replicated = sharding.replicated(mesh)
+
+    def eval_step(params, batch: Batch) -> loss_lib.LossSums:
+        logits_BxLxV = model.apply({"params": params}, batch["inputs"], deterministic=True)
+        return loss_lib.cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
+
+    return jax.jit(eval_step, in_shardings=(replicated, sharding.batch_sharding(mesh)), out_shardings=replicated)
