@@ -182,10 +182,9 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
             now = time.monotonic()
             rate = interval_steps * tokens_per_step / (now - interval_start) if interval_steps else float("nan")
             interval_start, interval_steps = now, 0
+            # Every scalar the step returns is logged (MoE adds its aux losses and loads, for instance).
             last_metrics = writer.write(done_step, "train", {
-                "loss": metrics["loss"], "objective": metrics["objective"], "accuracy": metrics["accuracy"],
-                "lr": metrics["lr"], "grad_norm": metrics["grad_norm"], "tokens_per_s": rate,
-                "tokens_seen": done_step * tokens_per_step})
+                **metrics, "tokens_per_s": rate, "tokens_seen": done_step * tokens_per_step})
             progress.set_postfix(loss=f"{float(metrics['loss']):.4f}", lr=f"{float(metrics['lr']):.2e}",
                                  tok_s=f"{rate:.0f}", refresh=False)
         progress.update(1)
