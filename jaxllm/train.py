@@ -110,6 +110,8 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     m, t = config.model, config.train
     tokenizer = get_tokenizer(config.data.tokenizer, config.data.tokenizer_path)
     check_vocab(config, tokenizer)
+    # Tokenize before JAX starts its threads: prepare forks worker processes.
+    data_dir = prepare(config.data, tokenizer, progress=t.progress)
     mesh = sharding.make_mesh(t.num_devices)
     check_batch_layout(config, mesh)
     checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
@@ -117,7 +119,6 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     if latest is not None:
         checkpointer.check_compatible(latest, m)
 
-    data_dir = prepare(config.data, tokenizer, progress=t.progress)
     train_tokens = batches_lib.open_tokens(data_dir / "train.bin")
     val_tokens = batches_lib.open_tokens(data_dir / "val.bin")
     L, B, K = m.sequence_length, t.batch_size, t.grad_accum
