@@ -43,13 +43,14 @@ USER_ERRORS = (ConfigError, DataError, TokenizerError, checkpoint_lib.Checkpoint
 def describe(config) -> dict[str, Any]:
     """What `--dry_run` prints: sizes and costs derived from the config alone, touching no data."""
     m, t = config.model, config.train
-    params = models.param_count(m)
+    params = models.param_count(m, config.moe)
     embedding = m.vocab_size * m.n_embd + (m.sequence_length * m.n_embd if m.name == "gpt2" else 0)
     return {
         "model": m.name,
         "params": params,
         "non_embedding_params": params - embedding,
-        "flops_per_token": models.flops_per_token(m),
+        "active_params": models.active_param_count(m, config.moe),  # all params, less unrouted experts (MoE)
+        "flops_per_token": models.flops_per_token(m, config.moe),
         "tokens_per_step": t.batch_size * t.grad_accum * m.sequence_length,
         "steps": t.steps,
     }
@@ -125,7 +126,7 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
                     batches_lib.eval_batches(val_tokens, n_batches=t.eval_batches, batch_size=B, seq_len=L)]
     batches_lib.train_batch(train_tokens, seed=config.data.seed, step=0, batch_size=1, seq_len=L)  # length check
 
-    model = models.build_model(m)
+    model = models.build_model(m, config.moe)
     optimizer = optim.make_optimizer(config)
     schedule = optim.make_schedule(config)
     train_step = step_lib.compile_train_step(step_lib.make_train_step(model, optimizer, schedule, config), mesh)
