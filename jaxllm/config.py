@@ -61,7 +61,8 @@ def default_config() -> ml_collections.ConfigDict:
     e.every = 1  # layer i (0-based) is MoE when i % every == every - 1: 1 = every layer, 2 = layers 1, 3, ...
     e.renormalize = False  # rescale the top-k probabilities to sum to 1 (the reference does not)
     e.mode = "dropless"  # dropless (sort by expert + grouped matmuls) or capacity (GShard, drops overflow)
-    e.capacity_factor = 1.25  # capacity mode: each expert takes ceil(factor * L * top_k / E) per sequence
+    e.capacity_factor = 1.25  # capacity mode: each expert takes ceil(factor * G * top_k / E) per group
+    e.group_size = 0  # capacity mode: G, positions per routing group (divides sequence_length); 0 = all
     e.aux_loss_coef = 1e-2  # load-balance loss n_experts * sum_i f_i * P_i, mean over MoE layers
     e.z_loss_coef = 1e-3  # router z-loss mean(logsumexp(router logits)^2), mean over MoE layers
 
@@ -297,6 +298,9 @@ def _validate_moe(config: ml_collections.ConfigDict) -> None:
     if not 1 <= e.every <= m.n_layer:
         raise ConfigError(f"moe.every is {e.every}; it must be between 1 and model.n_layer ({m.n_layer})")
     _positive(e.capacity_factor, "moe.capacity_factor")
+    _positive(e.group_size, "moe.group_size", allow_zero=True)
+    if e.group_size and m.sequence_length % e.group_size:
+        raise ConfigError(f"moe.group_size ({e.group_size}) must divide model.sequence_length ({m.sequence_length})")
     for path in ("moe.aux_loss_coef", "moe.z_loss_coef"):
         _positive(e[path.split(".")[1]], path, allow_zero=True)
 

@@ -25,9 +25,11 @@ from test_train import SGD, _interrupt_at, _random_batch, Killed, losses, tiny_c
 D, F, E, B, L = 32, 64, 4, 2, 16
 
 
-def moe_ffn(mode="dropless", top_k=2, capacity_factor=1.25, renormalize=False, n_experts=E, hidden=F):
+def moe_ffn(mode="dropless", top_k=2, capacity_factor=1.25, renormalize=False, n_experts=E, hidden=F,
+            group_size=0):
     return moe_lib.MoEFeedForward(n_experts=n_experts, top_k=top_k, hidden=hidden, init_std=0.02, out_std=0.02,
-                                  renormalize=renormalize, mode=mode, capacity_factor=capacity_factor)
+                                  renormalize=renormalize, mode=mode, capacity_factor=capacity_factor,
+                                  group_size=group_size)
 
 
 def random_x(seed=0, b=B, l=L):
@@ -131,10 +133,10 @@ def test_renormalize_rescales_the_top_k_gates():
 # --- capacity mode drops exactly the overflow --------------------------------------------------------------
 
 
-def capacity_reference(x, params, top_k, c):
-    """Plain-loop GShard capacity routing: per sequence, all first choices in order, then second choices..."""
+def capacity_reference(x, params, top_k, c, group_size):
+    """Plain-loop GShard capacity routing: per group, all first choices in order, then second choices..."""
     p = jax.tree.map(np.asarray, params)
-    x = np.asarray(x)
+    x = np.asarray(x).reshape(-1, group_size, D)
     probs = np.asarray(jax.nn.softmax(jnp.asarray(x) @ params["router"]["kernel"], axis=-1))
     y = np.zeros_like(x)
     dropped = 0
@@ -150,16 +152,16 @@ def capacity_reference(x, params, top_k, c):
                 used[e] += 1
                 y[b, l] += probs[b, l, e] * swiglu_np(x[b, l], p["w1"]["kernel"][e], p["w3"]["kernel"][e],
                                                       p["w2"]["kernel"][e])
-    return y, dropped
+    return y.reshape(B, L, D), dropped
 
 
-@pytest.mark.parametrize("capacity_factor", [0.5, 1.0])
-def test_capacity_mode_drops_exactly_the_tokens_over_capacity(capacity_factor):
+@pytest.mark.parametrize("capacity_factor, group_size", [(0.5, 0), (1.0, 0), (1.0, 4)])
+def test_capacity_mode_drops_exactly_the_tokens_over_capacity(capacity_factor, group_size):
     # A skewed router (large logits) overloads some experts, so some assignments overflow.
     params, x = ffn_params(seed=5, router_scale=3.0), random_x(5)
-    c = moe_lib.capacity(L, E, 2, capacity_factor)
-    y, stats = apply_ffn(moe_ffn("capacity", capacity_factor=capacity_factor), params, x)
-    y_ref, dropped = capacity_reference(x, params, 2, c)
+    c = moe_lib.capacity(group_size or L, E, 2, capacity_factor)
+    y, stats = apply_ffn(moe_ffn("capacity", capacity_factor=capacity_factor, group_size=group_size), params, x)
+    y_ref, dropped = capacity_reference(x, params, 2, c, group_size or L)
     assert dropped > 0
     np.testing.assert_allclose(float(stats["dropped_fraction"]), dropped / (B * L * 2), rtol=1e-6)
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5)
@@ -312,6 +314,7 @@ def test_moe_training_is_deterministic_resumable_and_logged(tmp_path, monkeypatc
     ("moe.mode=dropped", "choose one of dropless, capacity"),
     ("moe.every=13", "moe.every is 13"),
     ("moe.capacity_factor=0", "moe.capacity_factor"),
+    ("moe.group_size=5", "moe.group_size (5) must divide model.sequence_length (512)"),
     ("model.name=gpt2", "mixture-of-experts MLPs are for llama"),
 ])
 def test_bad_moe_values(override, message):

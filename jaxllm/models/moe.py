@@ -7,11 +7,13 @@ sum over the k chosen experts of gate * swiglu_expert(x). Two ways to run the ex
 
 - "dropless": the N*k (token, expert) assignments are sorted by expert and the experts run as grouped
   matmuls (`jax.lax.ragged_dot`) over the sorted rows; no token is ever dropped.
-- "capacity": GShard-style. Each sequence is one group; each expert takes at most
-  C = ceil(capacity_factor * L * k / E) assignments per sequence, filled first with every token's first
-  choice in position order, then the second choices, and so on; assignments beyond C are dropped (they
-  contribute 0, the residual carries the token). Dispatch and combine are one-hot einsums, so the
-  experts run as one dense batched matmul of fixed shape [B, E, C, D].
+- "capacity": GShard-style. Each run of `group_size` consecutive positions of a sequence (default: the
+  whole sequence) is one group; each expert takes at most C = ceil(capacity_factor * G * k / E)
+  assignments per group, filled first with every token's first choice in position order, then the
+  second choices, and so on; assignments beyond C are dropped (they contribute 0, the residual carries
+  the token). Dispatch and combine are one-hot einsums, so the experts run as one dense batched matmul
+  of fixed shape [groups, E, C, D]. The two einsums cost 2 * G * k * capacity_factor * D FLOPs per token
+  each, G * capacity_factor / (3 * F) of the experts' work: smaller groups are cheaper but drop more.
 
 The module reports, with `self.sow("intermediates", ...)` (kept only when the caller applies the model
 with `mutable=["intermediates"]`): `load_balance_loss` (Switch: E * sum_i f_i * P_i, f_i the fraction of
@@ -57,6 +59,7 @@ class MoESpec:
     renormalize: bool = False
     mode: str = "dropless"
     capacity_factor: float = 1.25
+    group_size: int = 0
 
     def is_moe_layer(self, i: int) -> bool:
         """Layer i (0-based) is MoE when i % every == every - 1: every layer for 1, layers 1, 3, ... for 2."""
@@ -72,7 +75,7 @@ class MoESpec:
             return None
         return cls(n_experts=int(moe_cfg.n_experts), top_k=int(moe_cfg.top_k), every=int(moe_cfg.every),
                    renormalize=bool(moe_cfg.renormalize), mode=str(moe_cfg.mode),
-                   capacity_factor=float(moe_cfg.capacity_factor))
+                   capacity_factor=float(moe_cfg.capacity_factor), group_size=int(moe_cfg.group_size))
 
 
 def capacity(tokens_per_group: int, n_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -103,6 +106,7 @@ class MoEFeedForward(nn.Module):
     renormalize: bool = False
     mode: str = "dropless"
     capacity_factor: float = 1.25
+    group_size: int = 0  # capacity mode: positions per routing group; 0 = the whole sequence
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -129,8 +133,13 @@ class MoEFeedForward(nn.Module):
             y_BxLxD = _dropless(x_BxLxD, gates_BxLxK, experts_BxLxK, w1_ExDxF, w3_ExDxF, w2_ExFxD)
             dropped = jnp.zeros((), jnp.float32)
         elif self.mode == "capacity":
-            c = capacity(l, e, k, self.capacity_factor)
-            y_BxLxD, dropped = _capacity(x_BxLxD, gates_BxLxK, experts_BxLxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, c)
+            g = self.group_size or l
+            if l % g:
+                raise ValueError(f"moe.group_size ({g}) must divide the sequence length ({l})")
+            c = capacity(g, e, k, self.capacity_factor)
+            y_GxgxD, dropped = _capacity(x_BxLxD.reshape(-1, g, d), gates_BxLxK.reshape(-1, g, k),
+                                         experts_BxLxK.reshape(-1, g, k), w1_ExDxF, w3_ExDxF, w2_ExFxD, c)
+            y_BxLxD = y_GxgxD.reshape(b, l, d)
         else:
             raise ValueError(f"moe.mode is '{self.mode}'; choose one of {', '.join(MODES)}")
 
@@ -153,11 +162,12 @@ def _swiglu_dense(x_BxExCxD, w1_ExDxF, w3_ExDxF, w2_ExFxD):
 
 
 def _capacity(x_BxLxD, gates_BxLxK, experts_BxLxK, w1_ExDxF, w3_ExDxF, w2_ExFxD, c):
-    """GShard dispatch/combine with capacity c per expert and sequence; returns (y [B, L, D], dropped)."""
+    """GShard dispatch/combine with capacity c per expert and group; B here counts groups, L positions in
+    a group. Returns (y [B, L, D], the dropped fraction of the B * L * k assignments)."""
     b, l, d = x_BxLxD.shape
     k = gates_BxLxK.shape[-1]
     e = w1_ExDxF.shape[0]
-    # Priority order within a sequence: choice-major (all first choices, then all second choices, ...),
+    # Priority order within a group: choice-major (all first choices, then all second choices, ...),
     # positions in order within a choice. slot = how many earlier assignments went to the same expert.
     assign_BxKxLxE = jax.nn.one_hot(jnp.swapaxes(experts_BxLxK, 1, 2), e, dtype=jnp.int32)
     flat_BxKLxE = assign_BxKxLxE.reshape(b, k * l, e)
