@@ -306,6 +306,12 @@ def test_moe_training_is_deterministic_resumable_and_logged(tmp_path, monkeypatc
     assert b"train/moe/load/layer_1/expert_1" in tags and b"train/moe/dropped_fraction" in tags
 
 
+def test_checkpoint_of_a_dense_model_is_refused_by_an_moe_run(tmp_path):
+    train_lib.train(tiny_config(tmp_path, **{"train.steps": 2, "train.checkpoint_every": 2}), tmp_path / "run")
+    with pytest.raises(train_lib.checkpoint_lib.CheckpointError, match="moe.n_experts is 0 there, 4 here"):
+        train_lib.train(moe_config(tmp_path, **{"train.steps": 4}), tmp_path / "run")
+
+
 # --- config --------------------------------------------------------------------------------------------
 
 
