@@ -24,6 +24,7 @@ DATA_SOURCES = ("synthetic", "hub", "local")
 TOKENIZERS = ("gpt2", "byte")
 OPTIMIZERS = ("adamw", "lion", "sgd")
 SCHEDULES = ("cos", "linear", "cosine", "wsd", "constant")
+MOE_MODES = ("dropless", "capacity")
 
 
 class ConfigError(ValueError):
@@ -53,6 +54,17 @@ def default_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"  # compute dtype: float32 or bfloat16 (norms, softmax, logits, loss stay float32)
     m.param_dtype = "float32"
     m.remat = "none"  # rematerialise each block in the backward pass: none, full, dots (save matmuls)
+
+    c.moe = e = ml_collections.ConfigDict()  # mixture-of-experts MLPs (llama only; jaxllm/models/moe.py)
+    e.n_experts = 0  # experts per MoE layer; 0 = dense model
+    e.top_k = 2  # experts each token is routed to (softmax over all experts, then top-k)
+    e.every = 1  # layer i (0-based) is MoE when i % every == every - 1: 1 = every layer, 2 = layers 1, 3, ...
+    e.renormalize = False  # rescale the top-k probabilities to sum to 1 (the reference does not)
+    e.mode = "dropless"  # dropless (sort by expert + grouped matmuls) or capacity (GShard, drops overflow)
+    e.capacity_factor = 1.25  # capacity mode: each expert takes ceil(factor * G * top_k / E) per group
+    e.group_size = 0  # capacity mode: G, positions per routing group (divides sequence_length); 0 = all
+    e.aux_loss_coef = 1e-2  # load-balance loss n_experts * sum_i f_i * P_i, mean over MoE layers
+    e.z_loss_coef = 1e-3  # router z-loss mean(logsumexp(router logits)^2), mean over MoE layers
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "synthetic"  # synthetic (built-in, no download), hub (Hugging Face dataset), local (files)
@@ -264,12 +276,33 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"optim.decay_pct is {o.decay_pct}; it must be in [0, 1]")
     if o.schedule in ("cosine", "wsd", "constant") and o.warmup_steps >= t.steps:
         raise ConfigError(f"optim.warmup_steps ({o.warmup_steps}) must be smaller than train.steps ({t.steps})")
+    _validate_moe(config)
     if d.source in ("hub", "local") and not d.path:
         what = "a dataset name such as DKYoon/SlimPajama-6B" if d.source == "hub" else "a file or folder"
         raise ConfigError(f"data.source is '{d.source}' but data.path is empty; set --config.data.path to {what}")
     if not 0 < d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction is {d.val_fraction}; it must be in (0, 1)")
     return config
+
+
+def _validate_moe(config: ml_collections.ConfigDict) -> None:
+    e, m = config.moe, config.model
+    _positive(e.n_experts, "moe.n_experts", allow_zero=True)
+    if not e.n_experts:
+        return
+    _choice(e.mode, MOE_MODES, "moe.mode")
+    if m.name != "llama":
+        raise ConfigError(f"moe.n_experts is {e.n_experts} but mixture-of-experts MLPs are for llama; set model.name=llama or moe.n_experts=0")
+    if not 1 <= e.top_k <= e.n_experts:
+        raise ConfigError(f"moe.top_k is {e.top_k}; it must be between 1 and moe.n_experts ({e.n_experts})")
+    if not 1 <= e.every <= m.n_layer:
+        raise ConfigError(f"moe.every is {e.every}; it must be between 1 and model.n_layer ({m.n_layer})")
+    _positive(e.capacity_factor, "moe.capacity_factor")
+    _positive(e.group_size, "moe.group_size", allow_zero=True)
+    if e.group_size and m.sequence_length % e.group_size:
+        raise ConfigError(f"moe.group_size ({e.group_size}) must divide model.sequence_length ({m.sequence_length})")
+    for path in ("moe.aux_loss_coef", "moe.z_loss_coef"):
+        _positive(e[path.split(".")[1]], path, allow_zero=True)
 
 
 def _divisor_near(n: int, k: int) -> int:

@@ -5,6 +5,11 @@ micro-batches (`inputs_KxBxL`), the gradient is the token-mean over all of them 
 K times bigger, up to float rounding), and the dropout key is derived from the step, so the step has no
 hidden state. Parameters and optimizer state are replicated over the `data` mesh axis and the batch is
 split over it; XLA inserts the gradient all-reduce.
+
+With mixture-of-experts layers (config.moe.n_experts > 0) the model is applied with
+mutable=["intermediates"] to read what the routers sow: their auxiliary loss is added to the training
+objective (never to validation loss, which stays comparable with dense models), and the aux losses,
+per-layer expert loads and dropped fraction are returned as "moe/..." metrics.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import optax
 
 from jaxllm import loss as loss_lib
 from jaxllm import sharding
+from jaxllm.models import moe as moe_lib
 
 Batch = dict[str, jax.Array]
 
@@ -44,12 +50,25 @@ def abstract_state(model: nn.Module, optimizer: optax.GradientTransformation, co
     return jax.eval_shape(lambda: init_state(model, optimizer, config))
 
 
-def _loss_sums(model: nn.Module, config, params, batch: Batch, dropout_key) -> loss_lib.LossSums:
+def _loss_sums(model: nn.Module, config, params, batch: Batch, dropout_key
+               ) -> tuple[loss_lib.LossSums, dict[str, jax.Array]]:
+    """The micro-batch's loss sums and its MoE metric sums ({} for a dense model)."""
     deterministic = config.model.dropout == 0.0
     rngs = None if deterministic else {"dropout": dropout_key}
-    logits_BxLxV = model.apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs)
-    return loss_lib.cross_entropy(logits_BxLxV, batch["targets"], batch["weights"],
+    moe_on = config.moe.n_experts > 0
+    out = model.apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs,
+                      **({"mutable": ["intermediates"]} if moe_on else {}))
+    logits_BxLxV = out[0] if moe_on else out
+    sums = loss_lib.cross_entropy(logits_BxLxV, batch["targets"], batch["weights"],
                                   label_smoothing=config.loss.label_smoothing, z_loss=config.loss.z_loss)
+    if not moe_on:
+        return sums, {}
+    stats = moe_lib.router_stats(out[1]["intermediates"])
+    scalars = moe_lib.scalar_metrics(stats, config.moe.aux_loss_coef, config.moe.z_loss_coef)
+    # The aux loss is a per-micro-batch mean; times the micro-batch's weight it becomes a sum like the
+    # loss, so the step's final division by the total weight gives the weighted mean over micro-batches.
+    weighted = {name: value * sums.weight for name, value in scalars.items()}
+    return sums._replace(loss=sums.loss + weighted["moe/aux_loss"]), weighted
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
@@ -59,27 +78,27 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
 
     def grads_and_sums(params, micro: Batch, key):
         def objective(p):
-            sums = _loss_sums(model, config, p, micro, key)
-            return sums.loss, sums
+            sums, moe_sums = _loss_sums(model, config, p, micro, key)
+            return sums.loss, (sums, moe_sums)
 
-        (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
-        return grads, sums
+        (_, (sums, moe_sums)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        return grads, sums, moe_sums
 
     def train_step(state: TrainState, batch: Batch):
         step_key = jax.random.fold_in(base_key, state.step)
         n_micro = batch["inputs"].shape[0]
         if n_micro == 1:
-            grads, sums = grads_and_sums(state.params, jax.tree.map(lambda x: x[0], batch), step_key)
+            grads, sums, moe_sums = grads_and_sums(state.params, jax.tree.map(lambda x: x[0], batch), step_key)
         else:
             def accumulate(carry, xs):
                 micro, index = xs
-                grads, sums = grads_and_sums(state.params, micro, jax.random.fold_in(step_key, index))
-                return jax.tree.map(jnp.add, carry, (grads, sums)), None
+                out = grads_and_sums(state.params, micro, jax.random.fold_in(step_key, index))
+                return jax.tree.map(jnp.add, carry, out), None
 
             first = jax.tree.map(lambda x: x[0], batch)
             shapes = jax.eval_shape(grads_and_sums, state.params, first, step_key)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-            (grads, sums), _ = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(n_micro)))
+            (grads, sums, moe_sums), _ = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(n_micro)))
         # The objective is a token sum: dividing by the token count makes it the token mean over all
         # micro-batches, exactly what one big batch would give.
         weight = jnp.maximum(sums.weight, 1.0)
@@ -92,6 +111,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
             "accuracy": sums.correct / weight,
             "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state.step),
+            **{name: value / weight for name, value in moe_sums.items()},
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -43,13 +43,14 @@ USER_ERRORS = (ConfigError, DataError, TokenizerError, checkpoint_lib.Checkpoint
 def describe(config) -> dict[str, Any]:
     """What `--dry_run` prints: sizes and costs derived from the config alone, touching no data."""
     m, t = config.model, config.train
-    params = models.param_count(m)
+    params = models.param_count(m, config.moe)
     embedding = m.vocab_size * m.n_embd + (m.sequence_length * m.n_embd if m.name == "gpt2" else 0)
     return {
         "model": m.name,
         "params": params,
         "non_embedding_params": params - embedding,
-        "flops_per_token": models.flops_per_token(m),
+        "active_params": models.active_param_count(m, config.moe),  # all params, less unrouted experts (MoE)
+        "flops_per_token": models.flops_per_token(m, config.moe),
         "tokens_per_step": t.batch_size * t.grad_accum * m.sequence_length,
         "steps": t.steps,
     }
@@ -66,6 +67,22 @@ def check_vocab(config, tokenizer) -> None:
         padded = -(-tokenizer.n_vocab // 64) * 64
         raise ConfigError(f"model.vocab_size ({config.model.vocab_size}) is smaller than the {tokenizer.name} "
                           f"tokenizer's {tokenizer.n_vocab} ids; set --config.model.vocab_size={padded}")
+
+
+def moe_shape_signature(config) -> dict[str, int]:
+    """The moe fields that shape the parameters (a dense model: n_experts 0 only)."""
+    e = config.moe
+    return {"n_experts": e.n_experts, "every": e.every} if e.n_experts else {"n_experts": 0}
+
+
+def check_moe_compatible(checkpointer, step: int, config) -> None:
+    """Refuse to resume a checkpoint whose experts differ (checkpoints without the field were dense)."""
+    saved = checkpointer.read_meta(step).get("moe_shape", {"n_experts": 0})
+    for name, value in moe_shape_signature(config).items():
+        if saved.get(name) != value:
+            raise checkpoint_lib.CheckpointError(
+                f"{checkpointer.directory} holds a checkpoint of a different model (moe.{name} is {saved.get(name)} "
+                f"there, {value} here); use a new --workdir or the same model settings")
 
 
 class _StopRequest:
@@ -118,6 +135,7 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     latest = checkpointer.latest_step()
     if latest is not None:
         checkpointer.check_compatible(latest, m)
+        check_moe_compatible(checkpointer, latest, config)
 
     train_tokens = batches_lib.open_tokens(data_dir / "train.bin")
     val_tokens = batches_lib.open_tokens(data_dir / "val.bin")
@@ -126,7 +144,7 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
                     batches_lib.eval_batches(val_tokens, n_batches=t.eval_batches, batch_size=B, seq_len=L)]
     batches_lib.train_batch(train_tokens, seed=config.data.seed, step=0, batch_size=1, seq_len=L)  # length check
 
-    model = models.build_model(m)
+    model = models.build_model(m, config.moe)
     optimizer = optim.make_optimizer(config)
     schedule = optim.make_schedule(config)
     train_step = step_lib.compile_train_step(step_lib.make_train_step(model, optimizer, schedule, config), mesh)
@@ -151,7 +169,7 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
         checkpointer.save(step_number, state, {
             "step": step_number, "tokens_seen": step_number * tokens_per_step,
             "elapsed_s": elapsed_before + time.monotonic() - run_start,
-            "model_shape": checkpoint_lib.shape_signature(m)})
+            "model_shape": checkpoint_lib.shape_signature(m), "moe_shape": moe_shape_signature(config)})
 
     def host_batch(step_number: int) -> dict[str, np.ndarray]:
         flat = batches_lib.train_batch(train_tokens, seed=config.data.seed, step=step_number,

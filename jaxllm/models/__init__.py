@@ -1,8 +1,10 @@
 """Model construction and accounting: `build_model`, parameter counts, training FLOPs per token.
 
-`build_model(model_cfg)` returns a Flax Linen module called as
+`build_model(model_cfg, moe_cfg=None)` returns a Flax Linen module called as
 `model.apply({"params": params}, tokens_BxL, deterministic=True)` -> logits float32 [B, L, V]
-(pass `rngs={"dropout": key}` when `deterministic=False`).
+(pass `rngs={"dropout": key}` when `deterministic=False`). With a `moe` config section whose n_experts > 0
+the llama MLPs of the selected layers are mixtures of experts (models/moe.py); every function here takes
+that section as an optional second argument.
 """
 
 from __future__ import annotations
@@ -15,21 +17,26 @@ import numpy as np
 from jaxllm.models.gpt2 import GPT2
 from jaxllm.models.layers import mlp_hidden
 from jaxllm.models.llama import Llama
+from jaxllm.models.moe import MoESpec
 
-__all__ = ["GPT2", "Llama", "build_model", "count_params", "param_count", "flops_per_token", "mlp_hidden"]
+__all__ = ["GPT2", "Llama", "build_model", "count_params", "param_count", "active_param_count", "flops_per_token",
+           "mlp_hidden"]
 
 
-def build_model(model_cfg) -> nn.Module:
-    """The module described by the `model` config section (`name` is "gpt2" or "llama")."""
+def build_model(model_cfg, moe_cfg=None) -> nn.Module:
+    """The module described by the `model` config section (`name` is "gpt2" or "llama") and `moe` section."""
     m = model_cfg
+    moe = MoESpec.from_config(moe_cfg)
     common = dict(vocab_size=m.vocab_size, n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head,
                   mlp_hidden=mlp_hidden(m), norm_eps=m.norm_eps, init_std=m.init_std, dropout=m.dropout,
                   tie_embeddings=m.tie_embeddings, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
                   remat=m.remat)
     if m.name == "gpt2":
+        if moe is not None:
+            raise ValueError("mixture-of-experts MLPs are for llama; set moe.n_experts=0 for gpt2")
         return GPT2(sequence_length=m.sequence_length, **common)
     if m.name == "llama":
-        return Llama(n_kv_head=m.n_kv_head or m.n_head, rope_theta=m.rope_theta, **common)
+        return Llama(n_kv_head=m.n_kv_head or m.n_head, rope_theta=m.rope_theta, moe=moe, **common)
     raise ValueError(f"model.name is '{m.name}'; choose one of gpt2, llama")
 
 
@@ -38,19 +45,33 @@ def count_params(params) -> int:
     return int(sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params)))
 
 
-def abstract_params(model_cfg):
+def abstract_params(model_cfg, moe_cfg=None):
     """The parameter tree as ShapeDtypeStructs, via jax.eval_shape: nothing is allocated."""
-    model = build_model(model_cfg)
+    model = build_model(model_cfg, moe_cfg)
     tokens_1xL = jax.ShapeDtypeStruct((1, model_cfg.sequence_length), jnp.int32)
     return jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens_1xL)["params"]
 
 
-def param_count(model_cfg) -> int:
-    """Number of parameters of the configured model, computed without allocating them."""
-    return count_params(abstract_params(model_cfg))
+def param_count(model_cfg, moe_cfg=None) -> int:
+    """Number of parameters of the configured model (every expert counted), computed without allocating them."""
+    return count_params(abstract_params(model_cfg, moe_cfg))
 
 
-def flops_per_token(model_cfg) -> float:
+def inactive_expert_params(model_cfg, moe_cfg=None) -> int:
+    """Parameters of the experts a token does not use: (E - top_k) SwiGLUs of 3 * D * F in each MoE layer."""
+    moe = MoESpec.from_config(moe_cfg)
+    if moe is None:
+        return 0
+    per_expert = 3 * model_cfg.n_embd * mlp_hidden(model_cfg)
+    return moe.n_moe_layers(model_cfg.n_layer) * (moe.n_experts - moe.top_k) * per_expert
+
+
+def active_param_count(model_cfg, moe_cfg=None) -> int:
+    """Parameters one token passes through: all of them, less the experts its router did not pick."""
+    return param_count(model_cfg, moe_cfg) - inactive_expert_params(model_cfg, moe_cfg)
+
+
+def flops_per_token(model_cfg, moe_cfg=None) -> float:
     """Training FLOPs per token (forward + backward) of the configured model:
 
         6 * (N_nonembed + V * D) + 6 * n_layer * T * D
@@ -59,11 +80,13 @@ def flops_per_token(model_cfg) -> float:
     head; V * D is the LM head's matmul, counted whether tied or not (so tying does not change the count).
     6 = 2 (multiply-add) x 3 (forward, and the two backward matmuls). The attention term is the
     12 * n_layer * T * D of QK^T and AV (forward + backward, T = sequence_length) halved because the
-    causal mask makes half the scores unneeded, as MaxText counts it.
+    causal mask makes half the scores unneeded, as MaxText counts it. With mixture-of-experts layers only
+    the active parameters count (the top_k chosen experts and the router): the routing's own cost, not
+    what a capacity factor > 1 or the dropless CPU lowering actually spend.
     """
-    params = abstract_params(model_cfg)
+    params = abstract_params(model_cfg, moe_cfg)
     v, d = model_cfg.vocab_size, model_cfg.n_embd
     embedding = sum(count_params(params[name]) for name in ("embed", "pos_embed", "lm_head") if name in params)
-    n_nonembed = count_params(params) - embedding
+    n_nonembed = count_params(params) - embedding - inactive_expert_params(model_cfg, moe_cfg)
     attention = 6 * model_cfg.n_layer * model_cfg.sequence_length * d
     return float(6 * (n_nonembed + v * d) + attention)

@@ -2,7 +2,7 @@
 
 Parameter tree: embed/embedding [V, D], blocks_i/{attn_norm, attn/{q,k,v,o}, mlp_norm, mlp/{w1,w3,w2}},
 norm_f, and lm_head/kernel [D, V] when the head is untied; every linear weight is a "kernel", every norm
-weight a "scale".
+weight a "scale". An MoE layer's mlp is {router, w1, w3, w2} with stacked expert kernels (models/moe.py).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.models import layers
+from jaxllm.models.moe import MoEFeedForward, MoESpec
 
 Dtype = Any
 
@@ -31,6 +32,7 @@ class Block(nn.Module):
     dropout: float
     dtype: Dtype
     param_dtype: Dtype
+    moe: MoESpec | None = None  # set: the MLP is a mixture of SwiGLU experts (models/moe.py)
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -40,8 +42,14 @@ class Block(nn.Module):
             n_head=self.n_head, n_kv_head=self.n_kv_head, init_std=self.init_std, out_std=out_std,
             use_rope=True, rope_theta=self.rope_theta, dropout=self.dropout, dtype=self.dtype,
             param_dtype=self.param_dtype, name="attn")
-        mlp = layers.SwiGLU(hidden=self.mlp_hidden, init_std=self.init_std, out_std=out_std, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name="mlp")
+        if self.moe is None:
+            mlp = layers.SwiGLU(hidden=self.mlp_hidden, init_std=self.init_std, out_std=out_std, dtype=self.dtype,
+                                param_dtype=self.param_dtype, name="mlp")
+        else:
+            mlp = MoEFeedForward(n_experts=self.moe.n_experts, top_k=self.moe.top_k, hidden=self.mlp_hidden,
+                                 init_std=self.init_std, out_std=out_std, renormalize=self.moe.renormalize,
+                                 mode=self.moe.mode, capacity_factor=self.moe.capacity_factor, dtype=self.dtype,
+                                 param_dtype=self.param_dtype, name="mlp")
         h_BxLxD = attn(layers.RMSNorm(**norm, name="attn_norm")(x_BxLxD), deterministic)
         x_BxLxD = x_BxLxD + nn.Dropout(self.dropout)(h_BxLxD, deterministic=deterministic)
         h_BxLxD = mlp(layers.RMSNorm(**norm, name="mlp_norm")(x_BxLxD))
@@ -65,6 +73,7 @@ class Llama(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: str = "none"
+    moe: MoESpec | None = None  # mixture-of-experts MLPs in the layers moe.is_moe_layer(i) selects
 
     @nn.compact
     def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -76,7 +85,9 @@ class Llama(nn.Module):
             x_BxLxD = block_cls(n_layer=self.n_layer, n_head=self.n_head, n_kv_head=self.n_kv_head,
                                 mlp_hidden=self.mlp_hidden, norm_eps=self.norm_eps, rope_theta=self.rope_theta,
                                 init_std=self.init_std, dropout=self.dropout, dtype=self.dtype,
-                                param_dtype=self.param_dtype, name=f"blocks_{i}")(x_BxLxD, deterministic)
+                                param_dtype=self.param_dtype,
+                                moe=self.moe if self.moe is not None and self.moe.is_moe_layer(i) else None,
+                                name=f"blocks_{i}")(x_BxLxD, deterministic)
         x_BxLxD = layers.RMSNorm(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                                  name="norm_f")(x_BxLxD)
         if self.tie_embeddings:
