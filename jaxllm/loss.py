@@ -8,6 +8,7 @@ Everything is computed in float32 whatever the logits' dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -84,3 +85,42 @@ def summarize(sums: LossSums) -> dict[str, float]:
     # exp overflows a Python float above ~709; an exploded run should log inf, not crash the logger.
     perplexity = math.exp(loss) if loss < 700 else (math.inf if loss == loss else math.nan)
     return {"loss": loss, "perplexity": perplexity, "accuracy": correct / weight}
+
+
+def chunked_cross_entropy(hidden_BxLxD: jax.Array, head_DxV: jax.Array, targets_BxL: jax.Array,
+                          weights_BxL: jax.Array, *, chunk: int, label_smoothing: float = 0.0,
+                          z_loss: float = 0.0) -> LossSums:
+    """`cross_entropy(hidden @ head, ...)` without ever holding the full float32 logits [B, L, V].
+
+    The B*L tokens are cut into chunks of `chunk` tokens (the last one padded with weight 0); a `lax.scan`
+    computes each chunk's logits [chunk, V] (matmul in hidden's dtype, float32 accumulation, as
+    `layers.tied_logits`) and its `cross_entropy` sums, and adds them. Each chunk is rematerialised in the
+    backward pass, so only [chunk, V] logits are alive at any time, forward or backward, at the price of
+    recomputing the head matmul once. Same sums as the plain path up to float32 summation order.
+    """
+    b, l, d = hidden_BxLxD.shape
+    n = b * l
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    hidden_NxD = hidden_BxLxD.reshape(n, d)
+    targets_N = targets_BxL.reshape(n).astype(jnp.int32)
+    weights_N = weights_BxL.reshape(n).astype(jnp.float32)
+    if pad:
+        hidden_NxD = jnp.pad(hidden_NxD, ((0, pad), (0, 0)))
+        targets_N = jnp.pad(targets_N, (0, pad))
+        weights_N = jnp.pad(weights_N, (0, pad))
+    head_DxV = head_DxV.astype(hidden_BxLxD.dtype)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def chunk_sums(hidden_CxD, targets_C, weights_C):
+        logits_CxV = jnp.dot(hidden_CxD, head_DxV, preferred_element_type=jnp.float32)
+        return cross_entropy(logits_CxV[None], targets_C[None], weights_C[None],
+                             label_smoothing=label_smoothing, z_loss=z_loss)
+
+    def body(total, xs):
+        return jax.tree.map(jnp.add, total, chunk_sums(*xs)), None
+
+    zeros = LossSums(*(jnp.zeros((), jnp.float32) for _ in LossSums._fields))
+    total, _ = jax.lax.scan(body, zeros, (hidden_NxD.reshape(n_chunks, chunk, d),
+                                          targets_N.reshape(n_chunks, chunk), weights_N.reshape(n_chunks, chunk)))
+    return total

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxllm import loss as loss_lib
+from jaxllm import models
 from jaxllm import sharding
 
 Batch = dict[str, jax.Array]
@@ -47,6 +48,12 @@ def abstract_state(model: nn.Module, optimizer: optax.GradientTransformation, co
 def _loss_sums(model: nn.Module, config, params, batch: Batch, dropout_key) -> loss_lib.LossSums:
     deterministic = config.model.dropout == 0.0
     rngs = None if deterministic else {"dropout": dropout_key}
+    if config.loss.head_chunk:  # never materialise the float32 [B, L, V] logits
+        hidden_BxLxD = model.apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs,
+                                   return_hidden=True)
+        return loss_lib.chunked_cross_entropy(
+            hidden_BxLxD, models.lm_head_matrix(params, config.model), batch["targets"], batch["weights"],
+            chunk=config.loss.head_chunk, label_smoothing=config.loss.label_smoothing, z_loss=config.loss.z_loss)
     logits_BxLxV = model.apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs)
     return loss_lib.cross_entropy(logits_BxLxV, batch["targets"], batch["weights"],
                                   label_smoothing=config.loss.label_smoothing, z_loss=config.loss.z_loss)

@@ -2,7 +2,9 @@
 
 `build_model(model_cfg)` returns a Flax Linen module called as
 `model.apply({"params": params}, tokens_BxL, deterministic=True)` -> logits float32 [B, L, V]
-(pass `rngs={"dropout": key}` when `deterministic=False`).
+(pass `rngs={"dropout": key}` when `deterministic=False`); with `return_hidden=True` it returns the
+final-norm hidden states [B, L, D] instead, and `lm_head_matrix(params, model_cfg)` the head [D, V], for
+the fused LM head + cross-entropy.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from jaxllm.models.gpt2 import GPT2
 from jaxllm.models.layers import mlp_hidden
 from jaxllm.models.llama import Llama
 
-__all__ = ["GPT2", "Llama", "build_model", "count_params", "param_count", "flops_per_token", "mlp_hidden"]
+__all__ = ["GPT2", "Llama", "build_model", "count_params", "param_count", "flops_per_token", "mlp_hidden",
+           "lm_head_matrix"]
 
 
 def build_model(model_cfg) -> nn.Module:
@@ -31,6 +34,13 @@ def build_model(model_cfg) -> nn.Module:
     if m.name == "llama":
         return Llama(n_kv_head=m.n_kv_head or m.n_head, rope_theta=m.rope_theta, **common)
     raise ValueError(f"model.name is '{m.name}'; choose one of gpt2, llama")
+
+
+def lm_head_matrix(params, model_cfg) -> jax.Array:
+    """The LM head weight [D, V] in param dtype: the token embedding transposed when tied, else lm_head."""
+    if model_cfg.tie_embeddings:
+        return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
 
 
 def count_params(params) -> int:
