@@ -49,8 +49,9 @@ def parse_args(argv):
     return args, [item[len("--config."):] for item in rest]
 
 
-def bench(config, steps: int = 10, warmup: int = 2) -> dict:
-    """Run 1 + warmup + steps train steps of `config` on random tokens; return the JSON line's fields."""
+def build(config):
+    """(state, compiled train step, `device_batch(step_number)`) for `config`, as `jaxllm.train` builds them,
+    with batches cut by the real loader from random tokens."""
     m, t = config.model, config.train
     L, B, K = m.sequence_length, t.batch_size, t.grad_accum
     mesh = sharding.make_mesh(t.num_devices)
@@ -60,41 +61,35 @@ def bench(config, steps: int = 10, warmup: int = 2) -> dict:
         step_lib.make_train_step(model, optimizer, optim.make_schedule(config), config), mesh)
     state = jax.jit(lambda: step_lib.init_state(model, optimizer, config),
                     out_shardings=sharding.replicated(mesh))()
-    jax.block_until_ready(state)
-
-    total = 1 + warmup + steps
-    vocab = min(m.vocab_size, 2**16)
-    tokens = np.random.default_rng(0).integers(0, vocab, size=total * B * K * L + 1, dtype=np.uint16)
+    # Enough windows for a long benchmark; the loader wraps around into a new epoch after that.
+    tokens = np.random.default_rng(0).integers(0, min(m.vocab_size, 2**16), size=256 * B * K * L + 1,
+                                               dtype=np.uint16)
 
     def device_batch(step_number):
         flat = batches_lib.train_batch(tokens, seed=0, step=step_number, batch_size=B * K, seq_len=L)
         host = {name: a.reshape(K, B, *a.shape[1:]) for name, a in flat.items()}
         return sharding.shard_batch(host, mesh, batch_axis=1)
 
-    step_s, input_s = [], []
-    compile_s = 0.0
-    for step_number in range(total):
-        start = time.perf_counter()
-        batch = jax.block_until_ready(device_batch(step_number))
-        fed = time.perf_counter()
-        state, metrics = train_step(state, batch)
-        jax.block_until_ready((state, metrics))
-        end = time.perf_counter()
-        if step_number == 0:
-            compile_s = end - start
-        elif step_number > warmup:
-            step_s.append(end - start)
-            input_s.append(fed - start)
-    if not np.isfinite(float(metrics["loss"])):
-        raise RuntimeError(f"the benchmark's loss is {float(metrics['loss'])}; the step is broken")
+    return jax.block_until_ready(state), train_step, device_batch, mesh.size
 
+
+def timed_step(state, train_step, device_batch, step_number):
+    """Run one step to completion: (state, metrics, seconds for the whole step, seconds to feed the batch)."""
+    start = time.perf_counter()
+    batch = jax.block_until_ready(device_batch(step_number))
+    fed = time.perf_counter()
+    state, metrics = jax.block_until_ready(train_step(state, batch))
+    end = time.perf_counter()
+    return state, metrics, end - start, fed - start
+
+
+def summary(config, step_s, compile_s, n_devices) -> dict:
+    """The JSON line's fields from the timed steps' durations (seconds)."""
+    m, t = config.model, config.train
     median = statistics.median(step_s)
-    tokens_per_s = B * K * L / median
+    tokens_per_s = t.batch_size * t.grad_accum * m.sequence_length / median
     flops = models.flops_per_token(m)
-    peak, source = hardware.peak_flops(m.dtype, mesh.size)
-    print(f"input pipeline: median {1e3 * statistics.median(input_s):.2f} ms per batch "
-          f"({100 * statistics.median(input_s) / median:.2f}% of the step); peak {peak:.3g} FLOP/s from {source}; "
-          f"final loss {float(metrics['loss']):.4f}", file=sys.stderr)
+    peak, _ = hardware.peak_flops(m.dtype, n_devices)
     return {
         "tokens_per_s": round(tokens_per_s, 1),
         "step_ms": {"median": round(1e3 * median, 2), "min": round(1e3 * min(step_s), 2),
@@ -106,6 +101,27 @@ def bench(config, steps: int = 10, warmup: int = 2) -> dict:
         "device": hardware.device_description(),
         "jax": jax.__version__,
     }
+
+
+def bench(config, steps: int = 10, warmup: int = 2) -> dict:
+    """Run 1 + warmup + steps train steps of `config` on random tokens; return the JSON line's fields."""
+    state, train_step, device_batch, n_devices = build(config)
+    step_s, input_s, compile_s = [], [], 0.0
+    for step_number in range(1 + warmup + steps):
+        state, metrics, seconds, feed_seconds = timed_step(state, train_step, device_batch, step_number)
+        if step_number == 0:
+            compile_s = seconds
+        elif step_number > warmup:
+            step_s.append(seconds)
+            input_s.append(feed_seconds)
+    if not np.isfinite(float(metrics["loss"])):
+        raise RuntimeError(f"the benchmark's loss is {float(metrics['loss'])}; the step is broken")
+    line = summary(config, step_s, compile_s, n_devices)
+    _, source = hardware.peak_flops(config.model.dtype, n_devices)
+    print(f"input pipeline: median {1e3 * statistics.median(input_s):.2f} ms per batch "
+          f"({100 * statistics.median(input_s) / statistics.median(step_s):.2f}% of the step); peak FLOP/s from "
+          f"{source}; final loss {float(metrics['loss']):.4f}", file=sys.stderr)
+    return line
 
 
 def main(argv=None) -> int:

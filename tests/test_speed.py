@@ -57,8 +57,25 @@ def test_chunked_cross_entropy_equals_plain_sums_and_grads(chunk):
     for want, got in zip(plain(hidden_BxLxD, head_DxV), chunked(hidden_BxLxD, head_DxV)):
         np.testing.assert_allclose(got, want, rtol=1e-5)
     grad = jax.grad(lambda h, w, f: f(h, w).loss, argnums=(0, 1))
-    for want, got in zip(grad(hidden_BxLxD, head_DxV, plain), jax.jit(grad, static_argnums=2)(hidden_BxLxD, head_DxV, chunked)):
+    fused_grads = jax.jit(grad, static_argnums=2)(hidden_BxLxD, head_DxV, chunked)
+    for want, got in zip(grad(hidden_BxLxD, head_DxV, plain), fused_grads):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    # Only `loss` carries a gradient; the reported sums are under stop_gradient, as documented.
+    nll_grad = jax.grad(lambda h: chunked(h, head_DxV).nll)(hidden_BxLxD)
+    assert not np.any(nll_grad)
+
+
+def test_chunked_cross_entropy_bf16_hidden_keeps_float32_head_grad():
+    hidden_BxLxD = jax.random.normal(jax.random.key(0), (2, 8, 16)).astype(jnp.bfloat16)
+    head_DxV = jax.random.normal(jax.random.key(1), (16, 40))
+    targets_BxL, weights_BxL = jnp.zeros((2, 8), jnp.int32), jnp.ones((2, 8))
+    grads = jax.grad(lambda h, w: loss_lib.chunked_cross_entropy(h, w, targets_BxL, weights_BxL, chunk=4).loss,
+                     argnums=(0, 1))(hidden_BxLxD, head_DxV)
+    assert grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.float32
+    want = jax.grad(lambda w: loss_lib.cross_entropy(
+        jnp.einsum("bld,dv->blv", hidden_BxLxD, w.astype(jnp.bfloat16), preferred_element_type=jnp.float32),
+        targets_BxL, weights_BxL).loss)(head_DxV)
+    np.testing.assert_allclose(grads[1], want, rtol=2e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("name,tie", [("llama", True), ("llama", False), ("gpt2", True)])
