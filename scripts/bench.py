@@ -16,6 +16,10 @@ one JSON line:
 Each step is timed to completion (`block_until_ready`), so nothing overlaps across the timed boundary.
 On stderr: the input pipeline's share (host batch + device_put time against step time), to show it
 does not stall the step, and the peak FLOP/s source.
+
+`--compile_only` compiles the step ahead of time without allocating the state and prints XLA's memory
+analysis instead (`argument_mb`, `output_mb`, `temp_mb`, `total_mb`, `compile_s`): whether a config fits a
+card, checked on any machine (the figure is for the backend it runs on).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ def parse_args(argv):
     parser.add_argument("--config", required=True, help="a config file, e.g. configs/bench_cpu.py")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (compiling) one")
+    parser.add_argument("--compile_only", action="store_true", help="print XLA's memory analysis, run nothing")
     args, rest = parser.parse_known_args(argv)
     bad = [item for item in rest if not item.startswith("--config.")]
     if bad:
@@ -124,6 +129,28 @@ def bench(config, steps: int = 10, warmup: int = 2) -> dict:
     return line
 
 
+def compile_memory(config) -> dict:
+    """Ahead-of-time compile of the train step on abstract inputs; XLA's memory analysis in MiB."""
+    m, t = config.model, config.train
+    mesh = sharding.make_mesh(t.num_devices)
+    model = models.build_model(m)
+    optimizer = optim.make_optimizer(config)
+    train_step = step_lib.compile_train_step(
+        step_lib.make_train_step(model, optimizer, optim.make_schedule(config), config), mesh)
+    state = step_lib.abstract_state(model, optimizer, config)
+    shape = (t.grad_accum, t.batch_size, m.sequence_length)
+    batch = {"inputs": jax.ShapeDtypeStruct(shape, np.int32), "targets": jax.ShapeDtypeStruct(shape, np.int32),
+             "weights": jax.ShapeDtypeStruct(shape, np.float32)}
+    start = time.perf_counter()
+    analysis = train_step.lower(state, batch).compile().memory_analysis()
+    mb = {name: getattr(analysis, f"{name}_size_in_bytes") / 2**20 for name in ("argument", "output", "temp")}
+    alias = getattr(analysis, "alias_size_in_bytes", 0) / 2**20  # donated state: counted once
+    return {"argument_mb": round(mb["argument"], 1), "output_mb": round(mb["output"], 1),
+            "temp_mb": round(mb["temp"], 1), "total_mb": round(mb["argument"] + mb["output"] - alias + mb["temp"], 1),
+            "compile_s": round(time.perf_counter() - start, 2), "device": hardware.device_description(),
+            "jax": jax.__version__}
+
+
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     try:
@@ -131,6 +158,9 @@ def main(argv=None) -> int:
     except config_lib.ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.compile_only:
+        print(json.dumps(compile_memory(config)))
+        return 0
     print(json.dumps(bench(config, steps=args.steps, warmup=args.warmup)))
     return 0
 

@@ -180,3 +180,15 @@ def test_bench_cpu_config_is_the_issue_model():
     m = c.model
     assert (m.name, m.n_layer, m.n_embd, m.n_head, m.vocab_size, m.sequence_length) == ("llama", 4, 256, 4, 50304, 256)
     assert (c.train.batch_size, c.train.grad_accum, c.optim.name) == (8, 1, "adamw")
+
+
+def test_bench_compile_only_reports_memory(capsys):
+    bench = _load_bench()
+    assert bench.main(["--config", str(ROOT / "configs" / "bench_cpu.py"), "--compile_only",
+                       "--config.model.n_layer=1", "--config.model.n_embd=64", "--config.model.vocab_size=320",
+                       "--config.model.sequence_length=32"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    params_mb = 4 * models.param_count(config_lib.load_config(str(ROOT / "configs" / "bench_cpu.py"), [
+        "model.n_layer=1", "model.n_embd=64", "model.vocab_size=320", "model.sequence_length=32"]).model) / 2**20
+    assert line["argument_mb"] >= 3 * params_mb  # params + AdamW's two moments, all float32
+    assert line["temp_mb"] > 0 and line["total_mb"] >= line["argument_mb"]
