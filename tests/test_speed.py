@@ -166,7 +166,7 @@ def test_bench_prints_the_issue_json_line(capsys):
                           "device", "jax"]
     assert set(line["step_ms"]) == {"median", "min", "max"}
     assert line["step_ms"]["min"] <= line["step_ms"]["median"] <= line["step_ms"]["max"]
-    assert line["tokens_per_s"] == pytest.approx(4 * 32 / (line["step_ms"]["median"] / 1e3), rel=1e-3)
+    assert line["tokens_per_s"] == pytest.approx(4 * 32 / (line["step_ms"]["median"] / 1e3), rel=1e-2)  # step_ms is rounded
     cfg = config_lib.load_config(str(ROOT / "configs" / "bench_cpu.py"), [
         "model.n_layer=1", "model.n_embd=64", "model.vocab_size=320", "model.sequence_length=32"])
     assert line["flops_per_token"] == models.flops_per_token(cfg.model)
