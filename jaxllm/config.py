@@ -84,6 +84,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss = lo = ml_collections.ConfigDict()
     lo.label_smoothing = 0.0
     lo.z_loss = 0.0  # coefficient of mean(logsumexp(logits)^2)
+    lo.head_chunk = 0  # train step: fused LM head + cross-entropy over chunks of this many tokens; 0 = full logits
 
     c.optim = o = ml_collections.ConfigDict()
     o.name = "adamw"  # one of OPTIMIZERS
@@ -252,7 +253,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _positive(config[section][field], path)
     for path in ("model.n_kv_head", "model.mlp_hidden", "model.dropout", "optim.weight_decay", "optim.grad_clip",
                  "optim.warmup_steps", "train.eval_batches", "train.num_devices", "train.max_duration_s", "loss.label_smoothing",
-                 "loss.z_loss", "data.max_documents"):
+                 "loss.z_loss", "loss.head_chunk", "data.max_documents"):
         section, field = path.split(".")
         _positive(config[section][field], path, allow_zero=True)
     if m.n_embd % m.n_head:

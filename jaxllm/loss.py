@@ -8,6 +8,7 @@ Everything is computed in float32 whatever the logits' dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -84,3 +85,106 @@ def summarize(sums: LossSums) -> dict[str, float]:
     # exp overflows a Python float above ~709; an exploded run should log inf, not crash the logger.
     perplexity = math.exp(loss) if loss < 700 else (math.inf if loss == loss else math.nan)
     return {"loss": loss, "perplexity": perplexity, "accuracy": correct / weight}
+
+
+def _chunk_terms(hidden_CxD, head_DxV, targets_C, weights_C, label_smoothing, z_loss, with_grads):
+    """One chunk's LossSums and, if `with_grads`, the gradients of its `loss` sum: (dhidden [C, D] in
+    hidden's dtype, dhead [D, V] float32). Per token, d objective / d logits =
+    (1 + 2 z lse) softmax - (1 - eps) onehot(target) - eps / V, times the token's weight."""
+    head_DxV = head_DxV.astype(hidden_CxD.dtype)
+    logits_CxV = jnp.dot(hidden_CxD, head_DxV, preferred_element_type=jnp.float32)
+    v = logits_CxV.shape[-1]
+    max_C = jnp.max(logits_CxV, axis=-1)
+    exp_CxV = jnp.exp(logits_CxV - max_C[:, None])
+    sum_C = jnp.sum(exp_CxV, axis=-1)
+    lse_C = max_C + jnp.log(sum_C)
+    onehot_CxV = jnp.arange(v)[None, :] == targets_C[:, None]
+    nll_C = lse_C - jnp.sum(jnp.where(onehot_CxV, logits_CxV, 0.0), axis=-1)
+    objective_C = nll_C
+    if label_smoothing:
+        objective_C = (1.0 - label_smoothing) * nll_C + label_smoothing * (lse_C - jnp.mean(logits_CxV, axis=-1))
+    if z_loss:
+        objective_C = objective_C + z_loss * jnp.square(lse_C)
+    correct_C = (jnp.argmax(logits_CxV, axis=-1) == targets_C).astype(jnp.float32)
+    live_C = weights_C != 0
+
+    def weighted_sum(x_C):
+        return jnp.sum(jnp.where(live_C, weights_C * x_C, 0.0))
+
+    sums = LossSums(weighted_sum(objective_C), weighted_sum(nll_C), weighted_sum(correct_C), jnp.sum(weights_C))
+    if not with_grads:
+        return sums
+    scale_C = jnp.where(live_C, weights_C, 0.0)
+    probs_scale_C = scale_C * (1.0 + 2.0 * z_loss * lse_C) / sum_C
+    target_scale_Cx1 = ((1.0 - label_smoothing) * scale_C)[:, None]
+    dlogits_CxV = (probs_scale_C[:, None] * exp_CxV - jnp.where(onehot_CxV, target_scale_Cx1, 0.0)
+                   - (label_smoothing / v) * scale_C[:, None]).astype(hidden_CxD.dtype)
+    dhidden_CxD = jnp.dot(dlogits_CxV, head_DxV.T, preferred_element_type=jnp.float32).astype(hidden_CxD.dtype)
+    dhead_DxV = jnp.dot(hidden_CxD.T, dlogits_CxV, preferred_element_type=jnp.float32)
+    return sums, dhidden_CxD, dhead_DxV
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused_loss(hidden_NxD, head_DxV, targets_N, weights_N, chunk, label_smoothing, z_loss):
+    return _scan_chunks(hidden_NxD, head_DxV, targets_N, weights_N, chunk, label_smoothing, z_loss, False)
+
+
+def _scan_chunks(hidden_NxD, head_DxV, targets_N, weights_N, chunk, label_smoothing, z_loss, with_grads):
+    """Sum `_chunk_terms` over the N / chunk chunks; with grads: (sums, (dhidden [N, D], dhead [D, V]))."""
+    n, d = hidden_NxD.shape
+    xs = (hidden_NxD.reshape(n // chunk, chunk, d), targets_N.reshape(-1, chunk), weights_N.reshape(-1, chunk))
+    zeros = LossSums(*(jnp.zeros((), jnp.float32) for _ in LossSums._fields))
+
+    def body(carry, x):
+        total, dhead_DxV = carry
+        hidden_CxD, targets_C, weights_C = x
+        out = _chunk_terms(hidden_CxD, head_DxV, targets_C, weights_C, label_smoothing, z_loss, with_grads)
+        if not with_grads:
+            return (jax.tree.map(jnp.add, total, out), dhead_DxV), None
+        sums, dhidden_CxD, dhead_chunk_DxV = out
+        return (jax.tree.map(jnp.add, total, sums), dhead_DxV + dhead_chunk_DxV), dhidden_CxD
+
+    dhead_init = jnp.zeros(head_DxV.shape if with_grads else (), jnp.float32)
+    (total, dhead_DxV), dhidden = jax.lax.scan(body, (zeros, dhead_init), xs)
+    return (total, (dhidden.reshape(n, d), dhead_DxV)) if with_grads else total
+
+
+def _fused_fwd(hidden_NxD, head_DxV, targets_N, weights_N, chunk, label_smoothing, z_loss):
+    total, grads = _scan_chunks(hidden_NxD, head_DxV, targets_N, weights_N, chunk, label_smoothing, z_loss, True)
+    return total, (grads, jnp.zeros((0,), head_DxV.dtype))  # the empty array carries head's dtype
+
+
+def _fused_bwd(chunk, label_smoothing, z_loss, residuals, cotangent):
+    (dhidden_NxD, dhead_DxV), head_dtype_0 = residuals
+    g = cotangent.loss  # the wrapper stops the gradient of nll, correct and weight: only `loss` has one
+    return ((g * dhidden_NxD).astype(dhidden_NxD.dtype), (g * dhead_DxV).astype(head_dtype_0.dtype), None, None)
+
+
+_fused_loss.defvjp(_fused_fwd, _fused_bwd)
+
+
+def chunked_cross_entropy(hidden_BxLxD: jax.Array, head_DxV: jax.Array, targets_BxL: jax.Array,
+                          weights_BxL: jax.Array, *, chunk: int, label_smoothing: float = 0.0,
+                          z_loss: float = 0.0) -> LossSums:
+    """`cross_entropy(hidden @ head, ...)` without ever holding the float32 logits [B, L, V].
+
+    The B*L tokens are cut into chunks of `chunk` tokens (the last one padded with weight 0). In one
+    `lax.scan` over the chunks, a custom VJP computes for each chunk the logits [chunk, V] (hidden's dtype, float32
+    accumulation), the sums, d(loss)/d(logits) in closed form and from it d hidden and d head (float32
+    accumulation over chunks), so the backward pass only scales them by the incoming cotangent. Three head
+    matmuls in all, as the plain path. Gradients flow through `loss` only (to hidden and head; targets and
+    weights are data); `nll`, `correct` and `weight` are returned under stop_gradient. Same sums and
+    gradients as the plain path up to float32 summation order. (A first version, a scan of rematerialised
+    chunks, recomputed the head matmul in the backward pass and was slower: docs/benchmarks.md.)
+    """
+    b, l, d = hidden_BxLxD.shape
+    n = b * l
+    pad = -n % chunk
+    hidden_NxD = hidden_BxLxD.reshape(n, d)
+    targets_N = targets_BxL.reshape(n).astype(jnp.int32)
+    weights_N = weights_BxL.reshape(n).astype(jnp.float32)
+    if pad:
+        hidden_NxD = jnp.pad(hidden_NxD, ((0, pad), (0, 0)))
+        targets_N, weights_N = jnp.pad(targets_N, (0, pad)), jnp.pad(weights_N, (0, pad))
+    sums = _fused_loss(hidden_NxD, head_DxV, targets_N, weights_N, chunk, float(label_smoothing), float(z_loss))
+    return LossSums(sums.loss, *(jax.lax.stop_gradient(x) for x in sums[1:]))

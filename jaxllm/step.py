@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxllm import loss as loss_lib
+from jaxllm import models
 from jaxllm import sharding
 from jaxllm.models import moe as moe_lib
 
@@ -56,14 +57,20 @@ def _loss_sums(model: nn.Module, config, params, batch: Batch, dropout_key
     deterministic = config.model.dropout == 0.0
     rngs = None if deterministic else {"dropout": dropout_key}
     moe_on = config.moe.n_experts > 0
+    fused_head = config.loss.head_chunk > 0  # never materialise the float32 [B, L, V] logits
     out = model.apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs,
-                      **({"mutable": ["intermediates"]} if moe_on else {}))
-    logits_BxLxV = out[0] if moe_on else out
-    sums = loss_lib.cross_entropy(logits_BxLxV, batch["targets"], batch["weights"],
-                                  label_smoothing=config.loss.label_smoothing, z_loss=config.loss.z_loss)
+                      return_hidden=fused_head, **({"mutable": ["intermediates"]} if moe_on else {}))
+    features, variables = out if moe_on else (out, None)
+    if fused_head:
+        sums = loss_lib.chunked_cross_entropy(
+            features, models.lm_head_matrix(params, config.model), batch["targets"], batch["weights"],
+            chunk=config.loss.head_chunk, label_smoothing=config.loss.label_smoothing, z_loss=config.loss.z_loss)
+    else:
+        sums = loss_lib.cross_entropy(features, batch["targets"], batch["weights"],
+                                      label_smoothing=config.loss.label_smoothing, z_loss=config.loss.z_loss)
     if not moe_on:
         return sums, {}
-    stats = moe_lib.router_stats(out[1]["intermediates"])
+    stats = moe_lib.router_stats(variables["intermediates"])
     scalars = moe_lib.scalar_metrics(stats, config.moe.aux_loss_coef, config.moe.z_loss_coef)
     # The aux loss is a per-micro-batch mean; times the micro-batch's weight it becomes a sum like the
     # loss, so the step's final division by the total weight gives the weighted mean over micro-batches.

@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
+from jaxllm import hardware
 from jaxllm import loss as loss_lib
 from jaxllm import models, optim, sharding, step as step_lib
 from jaxllm.config import ConfigError
@@ -162,6 +163,9 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     writer = MetricsWriter(workdir, resume_step=latest)
 
     tokens_per_step = B * K * L
+    # MFU: model FLOPs per token over peak FLOP/s (a GPU table, or this CPU's matmul measured once).
+    flops_per_token = models.flops_per_token(m, config.moe)
+    peak_flops, _ = hardware.peak_flops(m.dtype, mesh.size)
     elapsed_before = float(meta.get("elapsed_s", 0.0))
     run_start = time.monotonic()
 
@@ -203,7 +207,8 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
             interval_start, interval_steps = now, 0
             # Every scalar the step returns is logged (MoE adds its aux losses and loads, for instance).
             last_metrics = writer.write(done_step, "train", {
-                **metrics, "tokens_per_s": rate, "tokens_seen": done_step * tokens_per_step})
+                **metrics, "tokens_per_s": rate, "mfu": hardware.mfu(rate, flops_per_token, peak_flops),
+                "tokens_seen": done_step * tokens_per_step})
             progress.set_postfix(loss=f"{float(metrics['loss']):.4f}", lr=f"{float(metrics['lr']):.2e}",
                                  tok_s=f"{rate:.0f}", refresh=False)
         progress.update(1)

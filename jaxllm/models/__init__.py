@@ -2,9 +2,11 @@
 
 `build_model(model_cfg, moe_cfg=None)` returns a Flax Linen module called as
 `model.apply({"params": params}, tokens_BxL, deterministic=True)` -> logits float32 [B, L, V]
-(pass `rngs={"dropout": key}` when `deterministic=False`). With a `moe` config section whose n_experts > 0
-the llama MLPs of the selected layers are mixtures of experts (models/moe.py); every function here takes
-that section as an optional second argument.
+(pass `rngs={"dropout": key}` when `deterministic=False`); with `return_hidden=True` it returns the
+final-norm hidden states [B, L, D] instead, and `lm_head_matrix(params, model_cfg)` the head [D, V], for
+the fused LM head + cross-entropy. With a `moe` config section whose n_experts > 0 the llama MLPs of the
+selected layers are mixtures of experts (models/moe.py); every function here takes that section as an
+optional second argument.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from jaxllm.models.llama import Llama
 from jaxllm.models.moe import MoESpec
 
 __all__ = ["GPT2", "Llama", "build_model", "count_params", "param_count", "active_param_count", "flops_per_token",
-           "mlp_hidden"]
+           "mlp_hidden", "lm_head_matrix"]
 
 
 def build_model(model_cfg, moe_cfg=None) -> nn.Module:
@@ -38,6 +40,13 @@ def build_model(model_cfg, moe_cfg=None) -> nn.Module:
     if m.name == "llama":
         return Llama(n_kv_head=m.n_kv_head or m.n_head, rope_theta=m.rope_theta, moe=moe, **common)
     raise ValueError(f"model.name is '{m.name}'; choose one of gpt2, llama")
+
+
+def lm_head_matrix(params, model_cfg) -> jax.Array:
+    """The LM head weight [D, V] in param dtype: the token embedding transposed when tied, else lm_head."""
+    if model_cfg.tie_embeddings:
+        return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
 
 
 def count_params(params) -> int:

@@ -45,7 +45,10 @@ class Block(nn.Module):
 
 
 class GPT2(nn.Module):
-    """tokens int32 [B, L] (L <= sequence_length) -> logits float32 [B, L, V]."""
+    """tokens int32 [B, L] (L <= sequence_length) -> logits float32 [B, L, V].
+
+    With `return_hidden=True`: the final-norm hidden states [B, L, D] in the compute dtype instead.
+    """
 
     vocab_size: int
     sequence_length: int
@@ -62,7 +65,8 @@ class GPT2(nn.Module):
     remat: str = "none"
 
     @nn.compact
-    def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True,
+                 return_hidden: bool = False) -> jax.Array:
         l = tokens_BxL.shape[1]
         embed = nn.Embed(self.vocab_size, self.n_embd, dtype=self.dtype, param_dtype=self.param_dtype,
                          embedding_init=layers.normal(self.init_std), name="embed")
@@ -78,6 +82,8 @@ class GPT2(nn.Module):
                                     x_BxLxD, deterministic)
         x_BxLxD = layers.LayerNorm(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                                    name="ln_f")(x_BxLxD)
+        if return_hidden:  # the fused LM head + loss (loss.chunked_cross_entropy) takes it from here
+            return x_BxLxD
         if self.tie_embeddings:
             return layers.tied_logits(x_BxLxD, embed.embedding, self.dtype)
         head = layers.lm_head(self.vocab_size, self.init_std, self.dtype, self.param_dtype)

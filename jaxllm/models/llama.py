@@ -57,7 +57,10 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """tokens int32 [B, L] -> logits float32 [B, L, V]; n_kv_head key/value heads (= n_head: plain MHA)."""
+    """tokens int32 [B, L] -> logits float32 [B, L, V]; n_kv_head key/value heads (= n_head: plain MHA).
+
+    With `return_hidden=True`: the final-norm hidden states [B, L, D] in the compute dtype instead.
+    """
 
     vocab_size: int
     n_layer: int
@@ -76,7 +79,8 @@ class Llama(nn.Module):
     moe: MoESpec | None = None  # mixture-of-experts MLPs in the layers moe.is_moe_layer(i) selects
 
     @nn.compact
-    def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True,
+                 return_hidden: bool = False) -> jax.Array:
         embed = nn.Embed(self.vocab_size, self.n_embd, dtype=self.dtype, param_dtype=self.param_dtype,
                          embedding_init=layers.normal(self.init_std), name="embed")
         x_BxLxD = nn.Dropout(self.dropout)(embed(tokens_BxL), deterministic=deterministic)
@@ -90,6 +94,8 @@ class Llama(nn.Module):
                                 name=f"blocks_{i}")(x_BxLxD, deterministic)
         x_BxLxD = layers.RMSNorm(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                                  name="norm_f")(x_BxLxD)
+        if return_hidden:  # the fused LM head + loss (loss.chunked_cross_entropy) takes it from here
+            return x_BxLxD
         if self.tie_embeddings:
             return layers.tied_logits(x_BxLxD, embed.embedding, self.dtype)
         head = layers.lm_head(self.vocab_size, self.init_std, self.dtype, self.param_dtype)

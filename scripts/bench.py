@@ -1,0 +1,169 @@
+"""Throughput of the real jaxllm train step: `python scripts/bench.py --config configs/X.py [--steps N]
+[--warmup W] [--config.a.b=v ...]`.
+
+Builds the model, optimizer and compiled train step exactly as `jaxllm.train` does, feeds it batches cut
+by the real loader (`data.batches.train_batch`) from a random-token array (no dataset needed), and prints
+one JSON line:
+
+  tokens_per_s     tokens per optimizer step / median step time of the timed steps (after warm-up)
+  step_ms          {"median", "min", "max"} wall time of one step, host batch included, in ms
+  compile_s        wall time from the first call to the end of the first step (trace + compile + run)
+  flops_per_token  models.flops_per_token: 6 * (non-embedding params + LM head V*D) + causal attention
+  mfu              tokens_per_s * flops_per_token / peak (jaxllm.hardware: GPU table, or this CPU's matmul)
+  peak_memory_mb   device peak bytes in use on GPU, peak host RSS on CPU
+  device, jax      where it ran and the jax version
+
+Each step is timed to completion (`block_until_ready`), so nothing overlaps across the timed boundary.
+On stderr: the input pipeline's share (host batch + device_put time against step time), to show it
+does not stall the step, and the peak FLOP/s source.
+
+`--compile_only` compiles the step ahead of time without allocating the state and prints XLA's memory
+analysis instead (`argument_mb`, `output_mb`, `temp_mb`, `total_mb`, `compile_s`): whether a config fits a
+card, checked on any machine (the figure is for the backend it runs on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a checkout
+
+from jaxllm import config as config_lib  # noqa: E402
+from jaxllm import hardware, models, optim, sharding, step as step_lib  # noqa: E402
+from jaxllm.data import batches as batches_lib  # noqa: E402
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="scripts/bench.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="a config file, e.g. configs/bench_cpu.py")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (compiling) one")
+    parser.add_argument("--compile_only", action="store_true", help="print XLA's memory analysis, run nothing")
+    args, rest = parser.parse_known_args(argv)
+    bad = [item for item in rest if not item.startswith("--config.")]
+    if bad:
+        parser.error(f"unrecognised argument '{bad[0]}'; config overrides look like --config.train.batch_size=8")
+    return args, [item[len("--config."):] for item in rest]
+
+
+def build(config):
+    """(state, compiled train step, `device_batch(step_number)`) for `config`, as `jaxllm.train` builds them,
+    with batches cut by the real loader from random tokens."""
+    m, t = config.model, config.train
+    L, B, K = m.sequence_length, t.batch_size, t.grad_accum
+    mesh = sharding.make_mesh(t.num_devices)
+    model = models.build_model(m)
+    optimizer = optim.make_optimizer(config)
+    train_step = step_lib.compile_train_step(
+        step_lib.make_train_step(model, optimizer, optim.make_schedule(config), config), mesh)
+    state = jax.jit(lambda: step_lib.init_state(model, optimizer, config),
+                    out_shardings=sharding.replicated(mesh))()
+    # Enough windows for a long benchmark; the loader wraps around into a new epoch after that.
+    tokens = np.random.default_rng(0).integers(0, min(m.vocab_size, 2**16), size=256 * B * K * L + 1,
+                                               dtype=np.uint16)
+
+    def device_batch(step_number):
+        flat = batches_lib.train_batch(tokens, seed=0, step=step_number, batch_size=B * K, seq_len=L)
+        host = {name: a.reshape(K, B, *a.shape[1:]) for name, a in flat.items()}
+        return sharding.shard_batch(host, mesh, batch_axis=1)
+
+    return jax.block_until_ready(state), train_step, device_batch, mesh.size
+
+
+def timed_step(state, train_step, device_batch, step_number):
+    """Run one step to completion: (state, metrics, seconds for the whole step, seconds to feed the batch)."""
+    start = time.perf_counter()
+    batch = jax.block_until_ready(device_batch(step_number))
+    fed = time.perf_counter()
+    state, metrics = jax.block_until_ready(train_step(state, batch))
+    end = time.perf_counter()
+    return state, metrics, end - start, fed - start
+
+
+def summary(config, step_s, compile_s, n_devices) -> dict:
+    """The JSON line's fields from the timed steps' durations (seconds)."""
+    m, t = config.model, config.train
+    median = statistics.median(step_s)
+    tokens_per_s = t.batch_size * t.grad_accum * m.sequence_length / median
+    flops = models.flops_per_token(m)
+    peak, _ = hardware.peak_flops(m.dtype, n_devices)
+    return {
+        "tokens_per_s": round(tokens_per_s, 1),
+        "step_ms": {"median": round(1e3 * median, 2), "min": round(1e3 * min(step_s), 2),
+                    "max": round(1e3 * max(step_s), 2)},
+        "compile_s": round(compile_s, 2),
+        "flops_per_token": flops,
+        "mfu": round(hardware.mfu(tokens_per_s, flops, peak), 4),
+        "peak_memory_mb": round(hardware.peak_memory_mb(), 1),
+        "device": hardware.device_description(),
+        "jax": jax.__version__,
+    }
+
+
+def bench(config, steps: int = 10, warmup: int = 2) -> dict:
+    """Run 1 + warmup + steps train steps of `config` on random tokens; return the JSON line's fields."""
+    state, train_step, device_batch, n_devices = build(config)
+    step_s, input_s, compile_s = [], [], 0.0
+    for step_number in range(1 + warmup + steps):
+        state, metrics, seconds, feed_seconds = timed_step(state, train_step, device_batch, step_number)
+        if step_number == 0:
+            compile_s = seconds
+        elif step_number > warmup:
+            step_s.append(seconds)
+            input_s.append(feed_seconds)
+    if not np.isfinite(float(metrics["loss"])):
+        raise RuntimeError(f"the benchmark's loss is {float(metrics['loss'])}; the step is broken")
+    line = summary(config, step_s, compile_s, n_devices)
+    _, source = hardware.peak_flops(config.model.dtype, n_devices)
+    print(f"input pipeline: median {1e3 * statistics.median(input_s):.2f} ms per batch "
+          f"({100 * statistics.median(input_s) / statistics.median(step_s):.2f}% of the step); peak FLOP/s from "
+          f"{source}; final loss {float(metrics['loss']):.4f}", file=sys.stderr)
+    return line
+
+
+def compile_memory(config) -> dict:
+    """Ahead-of-time compile of the train step on abstract inputs; XLA's memory analysis in MiB."""
+    m, t = config.model, config.train
+    mesh = sharding.make_mesh(t.num_devices)
+    model = models.build_model(m)
+    optimizer = optim.make_optimizer(config)
+    train_step = step_lib.compile_train_step(
+        step_lib.make_train_step(model, optimizer, optim.make_schedule(config), config), mesh)
+    state = step_lib.abstract_state(model, optimizer, config)
+    shape = (t.grad_accum, t.batch_size, m.sequence_length)
+    batch = {"inputs": jax.ShapeDtypeStruct(shape, np.int32), "targets": jax.ShapeDtypeStruct(shape, np.int32),
+             "weights": jax.ShapeDtypeStruct(shape, np.float32)}
+    start = time.perf_counter()
+    analysis = train_step.lower(state, batch).compile().memory_analysis()
+    mb = {name: getattr(analysis, f"{name}_size_in_bytes") / 2**20 for name in ("argument", "output", "temp")}
+    alias = getattr(analysis, "alias_size_in_bytes", 0) / 2**20  # donated state: counted once
+    return {"argument_mb": round(mb["argument"], 1), "output_mb": round(mb["output"], 1),
+            "temp_mb": round(mb["temp"], 1), "total_mb": round(mb["argument"] + mb["output"] - alias + mb["temp"], 1),
+            "compile_s": round(time.perf_counter() - start, 2), "device": hardware.device_description(),
+            "jax": jax.__version__}
+
+
+def main(argv=None) -> int:
+    args, overrides = parse_args(argv)
+    try:
+        config = config_lib.load_config(args.config, overrides)
+    except config_lib.ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.compile_only:
+        print(json.dumps(compile_memory(config)))
+        return 0
+    print(json.dumps(bench(config, steps=args.steps, warmup=args.warmup)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The speed levers keep the numbers: fused chunked LM head + loss = plain path, bf16 close to f32, and the
+benchmark and MFU report what they claim."""
+
+import importlib.util
+import json
+import pathlib
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import config as config_lib
+from jaxllm import hardware, loss as loss_lib, models, optim, step as step_lib
+from jaxllm import train as train_lib
+from jaxllm.metrics import read_metrics
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def small_config(tmp_path=None, **overrides):
+    c = config_lib.default_config()
+    c.model.n_layer, c.model.n_embd, c.model.n_head = 2, 64, 4
+    c.model.vocab_size, c.model.sequence_length = 320, 32
+    c.data.source, c.data.tokenizer = "synthetic", "byte"
+    c.data.synthetic_documents, c.data.num_proc = 300, 1
+    if tmp_path is not None:
+        c.data.cache_dir = str(tmp_path / "cache")
+    c.optim.lr = 3e-3
+    c.train.steps, c.train.batch_size, c.train.grad_accum = 8, 8, 1
+    c.train.log_every, c.train.eval_every, c.train.eval_batches = 1, 8, 2
+    c.train.checkpoint_every, c.train.num_devices, c.train.progress = 8, 1, False
+    config_lib.apply_overrides(c, [f"{k}={v}" for k, v in overrides.items()])
+    return config_lib.validate(c)
+
+
+# --- fused, chunked LM head + cross-entropy -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [7, 24, 64])  # 7 and 24 do not divide B*L = 48: the padded chunk counts 0
+def test_chunked_cross_entropy_equals_plain_sums_and_grads(chunk):
+    b, l, d, v = 3, 16, 8, 50
+    keys = jax.random.split(jax.random.key(0), 4)
+    hidden_BxLxD = jax.random.normal(keys[0], (b, l, d))
+    head_DxV = jax.random.normal(keys[1], (d, v))
+    targets_BxL = jax.random.randint(keys[2], (b, l), 0, v)
+    weights_BxL = (jax.random.uniform(keys[3], (b, l)) > 0.3).astype(jnp.float32)
+    options = dict(label_smoothing=0.1, z_loss=1e-3)
+
+    def plain(h, w):
+        return loss_lib.cross_entropy(jnp.einsum("bld,dv->blv", h, w), targets_BxL, weights_BxL, **options)
+
+    def chunked(h, w):
+        return loss_lib.chunked_cross_entropy(h, w, targets_BxL, weights_BxL, chunk=chunk, **options)
+
+    for want, got in zip(plain(hidden_BxLxD, head_DxV), chunked(hidden_BxLxD, head_DxV)):
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    grad = jax.grad(lambda h, w, f: f(h, w).loss, argnums=(0, 1))
+    fused_grads = jax.jit(grad, static_argnums=2)(hidden_BxLxD, head_DxV, chunked)
+    for want, got in zip(grad(hidden_BxLxD, head_DxV, plain), fused_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    # Only `loss` carries a gradient; the reported sums are under stop_gradient, as documented.
+    nll_grad = jax.grad(lambda h: chunked(h, head_DxV).nll)(hidden_BxLxD)
+    assert not np.any(nll_grad)
+
+
+def test_chunked_cross_entropy_bf16_hidden_keeps_float32_head_grad():
+    hidden_BxLxD = jax.random.normal(jax.random.key(0), (2, 8, 16)).astype(jnp.bfloat16)
+    head_DxV = jax.random.normal(jax.random.key(1), (16, 40))
+    targets_BxL, weights_BxL = jnp.zeros((2, 8), jnp.int32), jnp.ones((2, 8))
+    grads = jax.grad(lambda h, w: loss_lib.chunked_cross_entropy(h, w, targets_BxL, weights_BxL, chunk=4).loss,
+                     argnums=(0, 1))(hidden_BxLxD, head_DxV)
+    assert grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.float32
+    want = jax.grad(lambda w: loss_lib.cross_entropy(
+        jnp.einsum("bld,dv->blv", hidden_BxLxD, w.astype(jnp.bfloat16), preferred_element_type=jnp.float32),
+        targets_BxL, weights_BxL).loss)(head_DxV)
+    np.testing.assert_allclose(grads[1], want, rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("name,tie", [("llama", True), ("llama", False), ("gpt2", True)])
+def test_hidden_times_head_matrix_is_the_logits(name, tie):
+    c = small_config(**{"model.name": name, "model.tie_embeddings": tie})
+    model = models.build_model(c.model)
+    tokens_BxL = jnp.arange(2 * 32).reshape(2, 32) % 320
+    params = model.init(jax.random.key(0), tokens_BxL)["params"]
+    logits_BxLxV = model.apply({"params": params}, tokens_BxL)
+    hidden_BxLxD = model.apply({"params": params}, tokens_BxL, return_hidden=True)
+    head_DxV = models.lm_head_matrix(params, c.model)
+    assert hidden_BxLxD.shape == (2, 32, 64) and head_DxV.shape == (64, 320)
+    np.testing.assert_allclose(hidden_BxLxD @ head_DxV, logits_BxLxV, rtol=1e-5, atol=1e-5)
+
+
+def _one_step(config):
+    model = models.build_model(config.model)
+    optimizer = optim.make_optimizer(config)
+    step = jax.jit(step_lib.make_train_step(model, optimizer, optim.make_schedule(config), config))
+    state = step_lib.init_state(model, optimizer, config)
+    tokens = jax.random.randint(jax.random.key(1), (2, 4, 33), 0, 320)  # grad_accum 2 micro-batches of 4
+    batch = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:], "weights": jnp.ones((2, 4, 32))}
+    return step(state, batch)
+
+
+def test_train_step_with_head_chunk_matches_plain_step():
+    overrides = {"train.grad_accum": 2, "loss.label_smoothing": 0.1, "loss.z_loss": 1e-4}
+    plain_state, plain_metrics = _one_step(small_config(**overrides))
+    fused_state, fused_metrics = _one_step(small_config(**overrides, **{"loss.head_chunk": 48}))
+    for name in ("loss", "objective", "accuracy", "grad_norm"):
+        np.testing.assert_allclose(fused_metrics[name], plain_metrics[name], rtol=1e-5)
+    for want, got in zip(jax.tree.leaves(plain_state.params), jax.tree.leaves(fused_state.params)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_run_losses_within_tolerance_of_f32(tmp_path):
+    """bf16 matmuls (float32 params, norms, softmax and loss) track the float32 run: every logged train
+    loss of an 8-step tiny run within 0.02 nats."""
+    train_lib.train(small_config(tmp_path), tmp_path / "f32")
+    train_lib.train(small_config(tmp_path, **{"model.dtype": "bfloat16", "loss.head_chunk": 64}), tmp_path / "bf16")
+    rows = {name: [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["split"] == "train"]
+            for name in ("f32", "bf16")}
+    f32 = np.array([r["loss"] for r in rows["f32"]])
+    bf16 = np.array([r["loss"] for r in rows["bf16"]])
+    assert len(f32) == len(bf16) == 8
+    assert f32[-1] < f32[0] - 0.5  # it learns, so the comparison is not between two constants
+    np.testing.assert_allclose(bf16, f32, atol=0.02)
+    assert not np.array_equal(bf16, f32)  # bf16 really ran
+    # The loop logs MFU next to throughput (the first row includes compilation in no interval: nan).
+    later = rows["f32"][2:]
+    assert all(r["mfu"] > 0 and r["tokens_per_s"] > 0 for r in later)
+    flops, peak = models.flops_per_token(small_config().model), hardware.peak_flops("float32")[0]
+    assert later[0]["mfu"] == pytest.approx(later[0]["tokens_per_s"] * flops / peak)
+
+
+# --- peak FLOP/s, MFU, the benchmark --------------------------------------------------------------------
+
+
+def test_peak_flops_table_for_known_gpus_and_measured_on_cpu(monkeypatch):
+    fake = types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3", platform="gpu")
+    monkeypatch.setattr(jax, "devices", lambda *a: [fake])
+    assert hardware.peak_flops("bfloat16", n_devices=2) == (2 * 989e12, "table:h100")
+    fake.device_kind = "NVIDIA A100-SXM4-40GB"
+    assert hardware.peak_flops("bfloat16") == (312e12, "table:a100")
+    monkeypatch.undo()
+    flops, source = hardware.peak_flops("float32", n_devices=4)
+    assert source == "measured:matmul-float32" and 1e8 < flops < 1e14
+    assert hardware.peak_flops("float32", n_devices=4)[0] == flops  # cached: one measurement per process
+    assert hardware.mfu(1000.0, 1e8, 1e12) == pytest.approx(0.1)
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_prints_the_issue_json_line(capsys):
+    bench = _load_bench()
+    code = bench.main(["--config", str(ROOT / "configs" / "bench_cpu.py"), "--steps", "3", "--warmup", "1",
+                       "--config.model.n_layer=1", "--config.model.n_embd=64", "--config.model.vocab_size=320",
+                       "--config.model.sequence_length=32", "--config.train.batch_size=4"])
+    assert code == 0
+    captured = capsys.readouterr()
+    line = json.loads(captured.out.strip().splitlines()[-1])
+    assert list(line) == ["tokens_per_s", "step_ms", "compile_s", "flops_per_token", "mfu", "peak_memory_mb",
+                          "device", "jax"]
+    assert set(line["step_ms"]) == {"median", "min", "max"}
+    assert line["step_ms"]["min"] <= line["step_ms"]["median"] <= line["step_ms"]["max"]
+    assert line["tokens_per_s"] == pytest.approx(4 * 32 / (line["step_ms"]["median"] / 1e3), rel=1e-2)  # step_ms is rounded
+    cfg = config_lib.load_config(str(ROOT / "configs" / "bench_cpu.py"), [
+        "model.n_layer=1", "model.n_embd=64", "model.vocab_size=320", "model.sequence_length=32"])
+    assert line["flops_per_token"] == models.flops_per_token(cfg.model)
+    assert 0 < line["mfu"] and line["peak_memory_mb"] > 0 and line["compile_s"] > 0
+    assert line["jax"] == jax.__version__ and line["device"].startswith("cpu:")
+    assert "input pipeline" in captured.err
+
+
+def test_bench_cpu_config_is_the_issue_model():
+    c = config_lib.load_config(str(ROOT / "configs" / "bench_cpu.py"))
+    m = c.model
+    assert (m.name, m.n_layer, m.n_embd, m.n_head, m.vocab_size, m.sequence_length) == ("llama", 4, 256, 4, 50304, 256)
+    assert (c.train.batch_size, c.train.grad_accum, c.optim.name) == (8, 1, "adamw")
+
+
+def test_bench_compile_only_reports_memory(capsys):
+    bench = _load_bench()
+    assert bench.main(["--config", str(ROOT / "configs" / "bench_cpu.py"), "--compile_only",
+                       "--config.model.n_layer=1", "--config.model.n_embd=64", "--config.model.vocab_size=320",
+                       "--config.model.sequence_length=32"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    params_mb = 4 * models.param_count(config_lib.load_config(str(ROOT / "configs" / "bench_cpu.py"), [
+        "model.n_layer=1", "model.n_embd=64", "model.vocab_size=320", "model.sequence_length=32"]).model) / 2**20
+    assert line["argument_mb"] >= 3 * params_mb  # params + AdamW's two moments, all float32
+    assert line["temp_mb"] > 0 and line["total_mb"] >= line["argument_mb"]
