@@ -45,7 +45,8 @@ def abstract_state(model: nn.Module, optimizer: optax.GradientTransformation, co
 
 
 def _loss_sums(model: nn.Module, config, params, batch: Batch, dropout_key) -> loss_lib.LossSums:
-    deterministic = config.model.dropout == 0.0
+    # LoRA's adapter dropout needs the dropout key even when the model itself has no dropout.
+    deterministic = config.model.dropout == 0.0 and not (config.finetune.lora.rank and config.finetune.lora.dropout)
     rngs = None if deterministic else {"dropout": dropout_key}
     logits_BxLxV = model.apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs)
     return loss_lib.cross_entropy(logits_BxLxV, batch["targets"], batch["weights"],
