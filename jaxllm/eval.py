@@ -26,9 +26,9 @@ import numpy as np
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
 from jaxllm import models, sharding
+from jaxllm.generate import load_params, stage_dir
 from jaxllm.data import mathqa
 from jaxllm.data.sources import DataError
-from jaxllm.models import lora as lora_lib
 from jaxllm.tokenizer import TokenizerError, get_tokenizer
 
 
@@ -95,26 +95,6 @@ def run_mc(config, params, model, tokenizer, mesh, questions, train_questions, s
                          batch_size=q.eval_batch_size, pad_multiple=q.pad_multiple, mesh=mesh)
     result["seconds"] = time.monotonic() - start
     return result
-
-
-def stage_dir(workdir: pathlib.Path) -> pathlib.Path:
-    """The folder of the run to evaluate: workdir/finetune when the workdir holds stages, else workdir."""
-    for name in ("finetune", "pretrain"):
-        if (workdir / name / "config.json").is_file():
-            return workdir / name
-    return workdir
-
-
-def load_params(run_dir: pathlib.Path, config):
-    """Params of the newest checkpoint in `run_dir` (LoRA adapters merged), as saved (float32)."""
-    folder, step = checkpoint_lib.locate(run_dir)
-    checkpointer = checkpoint_lib.Checkpointer(folder)
-    try:
-        state, meta = checkpointer.restore_saved(step)
-    finally:
-        checkpointer.close()
-    params = lora_lib.merge(state["params"], config.finetune.lora.alpha)
-    return jax.tree.map(jnp.asarray, params), step
 
 
 def main(argv: list[str] | None = None) -> int:

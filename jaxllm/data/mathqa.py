@@ -236,15 +236,16 @@ def _files_in(folder: pathlib.Path) -> list[pathlib.Path]:
     raise DataError(f"the MathQA folder {folder} holds no .json, .jsonl, .parquet or .csv files")
 
 
-def load_questions(mathqa_cfg, split: str, n_synthetic: int = 0) -> tuple[list[Question], ParseReport]:
+def load_questions(mathqa_cfg, split: str) -> tuple[list[Question], ParseReport]:
     """Questions of `split` (a split name, or a local path) from the configured source, with the report.
 
-    `n_synthetic` is how many problems the synthetic source generates for this split.
+    The synthetic source generates `mathqa.synthetic_problems` for train and a tenth of that for others.
     """
     source = mathqa_cfg.source
     if source == "synthetic":
-        seed = SYNTHETIC_SEEDS.get(split, 4)
-        records = synthetic.generate_problems(n_synthetic or mathqa_cfg.synthetic_problems, seed)
+        n = mathqa_cfg.synthetic_problems
+        size = n if split == "train" else max(1, n // 10)
+        records = synthetic.generate_problems(size, SYNTHETIC_SEEDS.get(split, 4))
     elif source == "hub":
         name = mathqa_cfg.path or HUB_NAME
         hub_split = HUB_SPLITS.get(split, split)
@@ -264,13 +265,11 @@ def load_splits(mathqa_cfg) -> tuple[dict[str, list[Question]], dict[str, dict]]
 
     With `mathqa.val_split == ""` validation is carved out of train: a seeded `val_fraction` of it.
     """
-    n = mathqa_cfg.synthetic_problems
-    sizes = {"train": n, "val": max(1, n // 10), "test": max(1, n // 10)}
     splits, reports = {}, {}
-    splits["train"], train_report = load_questions(mathqa_cfg, mathqa_cfg.train_split, sizes["train"])
+    splits["train"], train_report = load_questions(mathqa_cfg, mathqa_cfg.train_split)
     reports["train"] = train_report.summary()
     if mathqa_cfg.val_split:
-        splits["val"], report = load_questions(mathqa_cfg, mathqa_cfg.val_split, sizes["val"])
+        splits["val"], report = load_questions(mathqa_cfg, mathqa_cfg.val_split)
         reports["val"] = report.summary()
     else:
         train = splits["train"]
@@ -281,7 +280,7 @@ def load_splits(mathqa_cfg) -> tuple[dict[str, list[Question]], dict[str, dict]]
                             f"set --config.mathqa.val_split")
         splits["val"] = [train[i] for i in sorted(order[:n_val])]
         splits["train"] = [train[i] for i in sorted(order[n_val:])]
-    splits["test"], report = load_questions(mathqa_cfg, mathqa_cfg.test_split, sizes["test"])
+    splits["test"], report = load_questions(mathqa_cfg, mathqa_cfg.test_split)
     reports["test"] = report.summary()
     return splits, reports
 
