@@ -45,8 +45,12 @@ def init_cache(model_cfg, batch: int, size: int, dtype) -> dict[str, jax.Array]:
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-def forward_cached(params, model_cfg, tokens_BxT: jax.Array, cache: dict, pos: jax.Array):
-    """Logits float32 [B, T, V] of T tokens at positions pos..pos+T-1, and the cache with their keys/values."""
+def forward_cached(params, model_cfg, tokens_BxT: jax.Array, cache: dict, pos: jax.Array, start_B=None):
+    """Logits float32 [B, T, V] of T tokens at positions pos..pos+T-1, and the cache with their keys/values.
+
+    `start_B` (int32 [B], optional) hides cache positions before it from row b: rows left-padded to a
+    common length. RoPE depends only on relative positions, so a left-padded row scores as unpadded.
+    """
     m = model_cfg
     dtype = jnp.dtype(m.dtype)
     b, t = tokens_BxT.shape
@@ -59,6 +63,9 @@ def forward_cached(params, model_cfg, tokens_BxT: jax.Array, cache: dict, pos: j
     cos, sin = layers.rope_angles(positions_T, k, m.rope_theta)
     # Query at position p sees cached keys at positions <= p (later slots are zeros or stale).
     visible_TxS = jnp.arange(size)[None, :] <= positions_T[:, None]
+    if start_B is not None:
+        visible_TxS = visible_TxS[None] & (jnp.arange(size)[None, None, :] >= start_B[:, None, None])  # [B, T, S]
+        visible_TxS = visible_TxS[:, None, None]  # broadcast over the G, R head axes of the scores
     new_k, new_v = [], []
     for i in range(m.n_layer):
         p = params[f"blocks_{i}"]

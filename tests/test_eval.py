@@ -52,3 +52,42 @@ def test_shots_are_deterministic_and_from_train():
     assert not np.array_equal(a, mathqa.shot_indices(100, 5, seed=0, question_index=8))
     prefix = mathqa.few_shot_prefix(questions()[:2])
     assert prefix.count("Question:") == 2 and prefix.endswith(" a ) zzzz\n\n" .replace("a", "b"))
+
+
+def test_cached_scorer_equals_one_row_per_option():
+    from jaxllm import config as config_lib, models
+
+    c = config_lib.default_config()
+    c.model.n_layer, c.model.n_embd, c.model.n_head, c.model.n_kv_head = 2, 32, 4, 2
+    c.model.vocab_size, c.model.init_std = 320, 0.1
+    model = models.build_model(c.model)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    mesh = sharding.make_mesh(1)
+    qs = [mathqa.Question(problem="x" * (3 + 7 * i), options=tuple(f"{i}{j}" * (j + 1) for j in range(5)), answer=i % 5)
+          for i in range(7)]
+    # max_length leaves every context whole, so both layouts score exactly the same tokens
+    kwargs = dict(shots=1, seed=0, max_length=512, batch_size=10, pad_multiple=16, mesh=mesh)
+    plain = eval_lib.evaluate_mc(eval_lib.make_score_fn(model, mesh), params, ByteTokenizer(), qs, qs, **kwargs)
+    cached = eval_lib.evaluate_mc(eval_lib.make_cached_score_fn(c.model, mesh), params, ByteTokenizer(), qs, qs,
+                                  **kwargs)
+    assert plain == cached
+    # and the scores themselves agree (left padding + RoPE's relative positions change nothing)
+    captured = {}
+    original = eval_lib._evaluate_cached
+
+    def spy(*args, **kw):
+        captured["scores"] = original(*args, **kw)
+        return captured["scores"]
+
+    eval_lib._evaluate_cached = spy
+    try:
+        eval_lib.evaluate_mc(eval_lib.make_cached_score_fn(c.model, mesh), params, ByteTokenizer(), qs, qs, **kwargs)
+    finally:
+        eval_lib._evaluate_cached = original
+    score = eval_lib.make_score_fn(model, mesh)
+    direct = []
+    for i, q in enumerate(qs):
+        ctx = mathqa.few_shot_prefix([qs[j] for j in mathqa.shot_indices(7, 1, 0, i)]) + mathqa.format_prompt(q)
+        ex = [eval_lib.choice_example(ByteTokenizer(), ctx, mathqa.format_choice(q, o), 512) for o in range(5)]
+        direct.append(np.asarray(score(params, mathqa.make_batch(ex, 5, 512))))
+    np.testing.assert_allclose(captured["scores"], np.stack(direct), rtol=1e-4, atol=1e-4)
