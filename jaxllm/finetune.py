@@ -240,6 +240,8 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
             continue
         result = eval_lib.run_mc(config, params, base_model, tokenizer, mesh, test, questions["train"], shots)
         summary[f"mathqa_{shots}shot"] = writer.write(step_number, "mathqa", result, tag=f"mathqa_{shots}shot")
+        print(f"MathQA {q.test_split} {shots}-shot: n={result['n']} acc={result['acc']:.4f} "
+              f"acc_norm={result['acc_norm']:.4f} ({result['seconds']:.0f} s)", file=sys.stderr)
     writer.close()
     checkpointer.close()
     return summary
