@@ -28,6 +28,20 @@ def shape_signature(model_cfg) -> dict[str, Any]:
     return {name: model_cfg[name] for name in fields}
 
 
+def locate(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
+    """(checkpoints folder, step) named by `path`: a workdir (its newest step), its checkpoints/ folder, or
+    one step folder (checkpoints/400). Raises CheckpointError when there is none."""
+    path = pathlib.Path(path).expanduser().absolute()
+    if path.name.isdigit() and path.is_dir():
+        return path.parent, int(path.name)
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = sorted(int(p.name) for p in folder.glob("*") if p.name.isdigit() and p.is_dir()) if folder.is_dir() else []
+    if not steps:
+        raise CheckpointError(f"no checkpoint found at {path}; name a workdir, its checkpoints/ folder or a step "
+                              f"folder such as checkpoints/400")
+    return folder, steps[-1]
+
+
 class Checkpointer:
     """Saves and restores `TrainState` under `directory`, keeping the newest `keep` steps."""
 
@@ -65,6 +79,15 @@ class Checkpointer:
             abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                           abstract_state, shardings)
         restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                                       meta=ocp.args.JsonRestore()))
+        return restored["state"], dict(restored["meta"])
+
+    def restore_saved(self, step: int):
+        """Checkpoint `step` as saved, without knowing its structure: (state as a dict of arrays, meta).
+
+        This is how another stage reads a checkpoint whose optimizer state it does not share.
+        """
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
                                                                        meta=ocp.args.JsonRestore()))
         return restored["state"], dict(restored["meta"])
 

@@ -25,6 +25,9 @@ TOKENIZERS = ("gpt2", "byte")
 OPTIMIZERS = ("adamw", "lion", "sgd")
 SCHEDULES = ("cos", "linear", "cosine", "wsd", "constant")
 MOE_MODES = ("dropless", "capacity")
+STAGES = ("pretrain", "finetune")
+MATHQA_SOURCES = ("synthetic", "hub", "local")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 class ConfigError(ValueError):
@@ -116,6 +119,61 @@ def default_config() -> ml_collections.ConfigDict:
     t.max_duration_s = 0.0  # wall-clock budget of the run in seconds (the hackathon: 3 h); 0 = none
     t.progress = True  # console progress bar
     t.num_devices = 0  # devices in the data-parallel mesh; 0 = all visible devices
+
+    # Stages run in order; with more than one, each runs in its own subfolder of the workdir (workdir/<stage>).
+    c.stages = "pretrain"  # comma-separated, from STAGES: "pretrain", "finetune" or "pretrain,finetune"
+
+    c.mathqa = q = ml_collections.ConfigDict()  # the MathQA data of the finetune stage and of jaxllm.eval
+    q.source = "synthetic"  # synthetic (built-in problems), hub (allenai/math_qa), local (files)
+    q.path = ""  # hub: dataset name ("" = allenai/math_qa); local: a folder such as ../shared/data/mathqa
+    q.train_split = "train"  # a split name, or (local) a file or folder path; few-shot examples come from it
+    q.val_split = "validation"  # likewise; "" = carve mathqa.val_fraction out of train
+    q.test_split = "test"  # likewise; what the multiple-choice evaluation scores
+    q.val_fraction = 0.05
+    q.synthetic_problems = 5000  # synthetic: training problems (validation and test get a tenth each)
+    q.rationale = False  # append "\nRationale: ..." to the answer in the training target
+    q.max_length = 0  # tokens per example (prompts are cut from the left); 0 = model.sequence_length
+    q.pad_multiple = 64  # batches are padded to their longest example rounded up to this; 0 = to max_length
+    q.eval_shots = "0,5"  # multiple-choice evaluations run at the end of the finetune stage (shot counts)
+    q.eval_questions = 0  # score only the first N test questions; 0 = all
+    q.eval_batch_size = 40  # rows (question x option) per scoring batch
+    q.seed = 0  # order of training examples, the validation carve-out and the few-shot draws
+
+    c.finetune = f = ml_collections.ConfigDict()  # the finetune stage: its optim and train replace the base ones
+    f.init_from = ""  # "" = the pretrain stage's last checkpoint; else a workdir, checkpoints/ or step folder
+    f.optim = ml_collections.ConfigDict(o.to_dict())  # every field as in `optim`
+    f.optim.lr = 5e-6  # the 2025 team's full fine-tune
+    f.optim.schedule = "cosine"
+    f.optim.warmup_pct = 0.05
+    f.train = ml_collections.ConfigDict(t.to_dict())  # every field as in `train`
+    f.train.steps = 1000
+    f.train.batch_size = 64
+    f.train.grad_accum = 1
+    f.train.eval_every = 100
+    f.train.eval_batches = 0  # 0 = every validation example at each evaluation
+    f.train.checkpoint_every = 200
+    f.train.max_duration_s = 3600.0  # the hackathon's fine-tuning hour
+    f.lora = lr = ml_collections.ConfigDict()
+    lr.rank = 0  # 0 = full fine-tuning; > 0 = LoRA adapters of this rank, base weights frozen
+    lr.alpha = 16.0  # adapter output scaled by alpha / rank
+    lr.dropout = 0.0  # dropout on the adapters' input
+    lr.targets = "q,k,v,o,gate,up,down"  # comma-separated, from LORA_TARGETS
+    return c
+
+
+def stage_names(config) -> list[str]:
+    """The stages of a run, in order (config.stages split on commas)."""
+    return [s.strip() for s in config.stages.split(",") if s.strip()]
+
+
+def stage_config(config, stage: str) -> ml_collections.ConfigDict:
+    """The config one stage trains with: for "finetune", `finetune.optim` and `finetune.train` replace
+    `optim` and `train`; "pretrain" is the config itself. The result has `stages = stage`."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    if stage == "finetune":
+        c.optim = ml_collections.ConfigDict(config.finetune.optim.to_dict())
+        c.train = ml_collections.ConfigDict(config.finetune.train.to_dict())
+    c.stages = stage
     return c
 
 
@@ -283,6 +341,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"data.source is '{d.source}' but data.path is empty; set --config.data.path to {what}")
     if not 0 < d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction is {d.val_fraction}; it must be in (0, 1)")
+    _validate_stages(config)
     return config
 
 
@@ -304,6 +363,49 @@ def _validate_moe(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"moe.group_size ({e.group_size}) must divide model.sequence_length ({m.sequence_length})")
     for path in ("moe.aux_loss_coef", "moe.z_loss_coef"):
         _positive(e[path.split(".")[1]], path, allow_zero=True)
+def _validate_stages(config) -> None:
+    """The stage list, the mathqa section, LoRA, and the finetune stage's own optim/train values."""
+    names = stage_names(config)
+    for name in names:
+        _choice(name, STAGES, "stages")
+    if not names or len(set(names)) != len(names) or names != [s for s in STAGES if s in names]:
+        raise ConfigError(f"config field 'stages' is '{config.stages}'; list each of {', '.join(STAGES)} at most "
+                          f"once, in that order")
+    q, lora = config.mathqa, config.finetune.lora
+    _choice(q.source, MATHQA_SOURCES, "mathqa.source")
+    if q.source == "local" and not q.path and not pathlib.Path(q.train_split).exists():
+        raise ConfigError("mathqa.source is 'local' but mathqa.path is empty; set --config.mathqa.path to a folder "
+                          "such as ../shared/data/mathqa")
+    for path, value in (("mathqa.synthetic_problems", q.synthetic_problems),
+                        ("mathqa.eval_batch_size", q.eval_batch_size), ("finetune.lora.alpha", lora.alpha)):
+        _positive(value, path)
+    for path, value in (("mathqa.max_length", q.max_length), ("mathqa.pad_multiple", q.pad_multiple),
+                        ("mathqa.eval_questions", q.eval_questions), ("finetune.lora.rank", lora.rank)):
+        _positive(value, path, allow_zero=True)
+    if not 0 < q.val_fraction < 1:
+        raise ConfigError(f"mathqa.val_fraction is {q.val_fraction}; it must be in (0, 1)")
+    for shots in q.eval_shots.split(","):
+        if shots.strip() and not shots.strip().isdigit():
+            raise ConfigError(f"mathqa.eval_shots is '{q.eval_shots}'; write shot counts like '0,5'")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"finetune.lora.dropout is {lora.dropout}; it must be in [0, 1)")
+    targets = [x.strip() for x in lora.targets.split(",") if x.strip()]
+    for target in targets:
+        _choice(target, LORA_TARGETS, "finetune.lora.targets")
+    if lora.rank and not targets:
+        raise ConfigError("finetune.lora.targets is empty; name some of q,k,v,o,gate,up,down")
+    if lora.rank and config.model.name != "llama":
+        raise ConfigError("LoRA (finetune.lora.rank > 0) is implemented for llama only; set finetune.lora.rank=0")
+    if "finetune" in names:
+        if "pretrain" not in names and not config.finetune.init_from:
+            raise ConfigError("stages has finetune without pretrain, so finetune.init_from must name a checkpoint "
+                              "(a workdir, its checkpoints/ folder or a step folder)")
+        staged = stage_config(config, "finetune")
+        staged.stages = "pretrain"  # its own optim/train are checked as a plain run's
+        try:
+            validate(staged)
+        except ConfigError as error:
+            raise ConfigError(f"in the finetune stage (finetune.optim / finetune.train): {error}") from None
 
 
 def _divisor_near(n: int, k: int) -> int:

@@ -54,7 +54,8 @@ def abstract_state(model: nn.Module, optimizer: optax.GradientTransformation, co
 def _loss_sums(model: nn.Module, config, params, batch: Batch, dropout_key
                ) -> tuple[loss_lib.LossSums, dict[str, jax.Array]]:
     """The micro-batch's loss sums and its MoE metric sums ({} for a dense model)."""
-    deterministic = config.model.dropout == 0.0
+    # LoRA's adapter dropout needs the dropout key even when the model itself has no dropout.
+    deterministic = config.model.dropout == 0.0 and not (config.finetune.lora.rank and config.finetune.lora.dropout)
     rngs = None if deterministic else {"dropout": dropout_key}
     moe_on = config.moe.n_experts > 0
     fused_head = config.loss.head_chunk > 0  # never materialise the float32 [B, L, V] logits

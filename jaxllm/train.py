@@ -24,6 +24,7 @@ import numpy as np
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
 from jaxllm import hardware
+from jaxllm import finetune as finetune_lib
 from jaxllm import loss as loss_lib
 from jaxllm import models, optim, sharding, step as step_lib
 from jaxllm.config import ConfigError
@@ -38,7 +39,8 @@ class TrainingError(RuntimeError):
     """The run cannot go on (a NaN loss, say); the message says why and what survives."""
 
 
-USER_ERRORS = (ConfigError, DataError, TokenizerError, checkpoint_lib.CheckpointError, TrainingError)
+USER_ERRORS = (ConfigError, DataError, TokenizerError, checkpoint_lib.CheckpointError, TrainingError,
+               finetune_lib.FinetuneError)
 
 
 def describe(config) -> dict[str, Any]:
@@ -264,6 +266,41 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     return summary
 
 
+def run_stages(config, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Run `config.stages` in order. One stage ("pretrain") trains in `workdir` itself, as `train` does;
+    several each run in `workdir/<stage>` with `config.stage_config(config, stage)`.
+
+    The finetune stage starts from `finetune.init_from`, or else the pretrain stage's last checkpoint. A
+    stage that finished (its `stage_done.json` exists) is not run again; a stage stopped by a signal
+    stops the whole run, and the same command resumes it.
+    """
+    names = config_lib.stage_names(config)
+    if names == ["pretrain"]:
+        return train(config, workdir)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config_lib.to_json(config))
+    summaries: dict[str, Any] = {}
+    for name in names:
+        stage_dir = workdir / name
+        marker = stage_dir / "stage_done.json"
+        if marker.is_file():
+            summaries[name] = json.loads(marker.read_text())
+            print(f"stage {name} already finished ({stage_dir}); skipping it", file=sys.stderr)
+            continue
+        stage_cfg = config_lib.stage_config(config, name)
+        if name == "pretrain":
+            summary = train(stage_cfg, stage_dir)
+        else:
+            init_from = config.finetune.init_from or (workdir / "pretrain" if "pretrain" in names else None)
+            summary = finetune_lib.finetune(stage_cfg, stage_dir, init_from)
+        summaries[name] = summary
+        if str(summary.get("stopped", "")).startswith("received"):
+            break
+        marker.write_text(json.dumps(summary, default=float))
+    return summaries
+
+
 def _has_full_eval(metrics_path: pathlib.Path, step_number: int) -> bool:
     if not metrics_path.exists():
         return False
@@ -301,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(describe(config)))
             return 0
         workdir = args.workdir or str(pathlib.Path("runs") / pathlib.Path(args.config).stem)
-        summary = train(config, workdir)
+        summary = run_stages(config, workdir)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -191,7 +191,8 @@ def test_workdir_holds_config_metrics_tensorboard_and_checkpoints(tmp_path):
 # --- the CLI: one clear sentence for each mistake a user makes ---------------------------------------------
 
 def _cli(capsys, tmp_path, *args):
-    code = train_lib.main(["--config", "configs/tiny.py", "--workdir", str(tmp_path / "cli"),
+    # tiny.py runs pretrain then finetune (in workdir/<stage>); these tests are about the pretraining CLI.
+    code = train_lib.main(["--config", "configs/tiny.py", "--workdir", str(tmp_path / "cli"), "--config.stages=pretrain",
                            f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.train.progress=false", *args])
     return code, capsys.readouterr()
 

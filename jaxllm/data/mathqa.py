@@ -1,0 +1,405 @@
+"""MathQA for fine-tuning and evaluation: sources, the options parser, the prompt template, masked batches.
+
+Records. Every source yields MathQA's seven string fields (Problem, Rationale, options, correct,
+annotated_formula, linear_formula, category); `parse_record` turns one into a `Question` (problem, the
+five option values a-e, the index of the correct one, the rationale). A row that cannot be read is
+counted in a `ParseReport` under its reason and skipped; it never crashes the run and never vanishes
+silently (the report is printed and logged).
+
+Sources (`mathqa.source`):
+  synthetic  jaxllm's built-in generator (jaxllm/data/synthetic.py), seeds 1/2/3 for train/val/test;
+  hub        `allenai/math_qa` (fails at once, with a message, when the Hub cannot be reached);
+  local      the original JSON lists (dev.json, test.json, challenge_test.json), jsonl or parquet files
+             with the same fields, or the per-category CSVs (`train_by_category_csv/`, columns
+             option_a..option_e). A split is a file or folder path, or a split name looked up in
+             `mathqa.path` (train -> train.json/jsonl/parquet or train_by_category_csv/; validation ->
+             dev.json or validation.*; test -> test.json).
+
+Template (what the model sees; `format_prompt` / `format_target`):
+
+    Question: {problem}
+    Options: a ) {a} , b ) {b} , c ) {c} , d ) {d} , e ) {e}
+    Answer:{target}
+
+  with target = " {letter} ) {option text}" (and, with `rationale=True`, "\\nRationale: {rationale}"
+  after it), then the end-of-text token. The loss mask is 1 on every target token and on the closing
+  end-of-text, 0 on the prompt and on padding. K-shot prompts put K solved examples (prompt + target,
+  separated by a blank line) before the question.
+
+Batches (dicts of numpy arrays, the layout of jaxllm/data/batches.py):
+    inputs  int32   [B, L]  token ids (padding: 0)
+    targets int32   [B, L]  the next token of each input position (padding: 0)
+    weights float32 [B, L]  the loss mask shifted to the targets: 1 where the target is an answer token
+                            or the closing end-of-text, else 0 (prompt, padding, pad -> pad)
+L is the longest example of the batch rounded up to `pad_multiple` (at most the max length), so short
+batches spend no compute on padding beyond that rounding; a few distinct L values means a few compiles.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import csv
+import dataclasses
+import functools
+import json
+import pathlib
+import re
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from jaxllm.data import synthetic
+from jaxllm.data.sources import DataError, _load_hub
+
+LETTERS = "abcde"
+FIELDS = ("Problem", "Rationale", "options", "correct", "annotated_formula", "linear_formula", "category")
+HUB_NAME = "allenai/math_qa"
+HUB_SPLITS = {"train": "train", "validation": "validation", "val": "validation", "dev": "validation",
+              "test": "test"}
+# Local split names -> file stems tried in a folder, in order.
+LOCAL_STEMS = {"train": ("train",), "validation": ("dev", "validation", "val"), "val": ("dev", "validation", "val"),
+               "dev": ("dev", "validation"), "test": ("test",), "challenge_test": ("challenge_test",)}
+SYNTHETIC_SEEDS = {"train": 1, "validation": 2, "test": 3}  # distinct from pretraining's data.split_seed
+
+# One option separator: " , " followed by the next letter and ")" (never a bare comma: "rs . 27,000").
+_SPLIT_RE = re.compile(r"\s*,\s*(?=[b-e]\s*\)\s?)")
+_ITEM_RE = re.compile(r"\s*([a-e])\s*\)\s*(.*?)\s*$", re.S)
+
+
+class OptionsError(ValueError):
+    """A row whose options or answer cannot be read; `reason` is a short stable key for counting."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    """One multiple-choice question: five option values a-e and the index (0-4) of the correct one."""
+
+    problem: str
+    options: tuple[str, ...]
+    answer: int
+    rationale: str = ""
+    category: str = ""
+
+
+@dataclasses.dataclass
+class ParseReport:
+    """How many rows a source held, how many were read, and the skipped ones counted by reason."""
+
+    rows: int = 0
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    @property
+    def read(self) -> int:
+        return self.rows - sum(self.skipped.values())
+
+    def summary(self) -> dict:
+        return {"rows": self.rows, "read": self.read, "skipped": dict(self.skipped)}
+
+
+def parse_options(text) -> tuple[str, ...]:
+    """The five option values of a MathQA `options` field, in letter order a-e.
+
+    Reads both forms: "a ) 38 , b ) 27.675 , ..." and the Python-list string "['a ) 4', 'b ) 4 π', ...]"
+    (also an actual list). Commas inside values are kept. Raises OptionsError(reason) otherwise.
+    """
+    if isinstance(text, (list, tuple)):
+        items = [str(x) for x in text]
+    elif not isinstance(text, str) or not text.strip():
+        raise OptionsError("empty options")
+    elif text.lstrip().startswith("["):
+        try:
+            items = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            raise OptionsError("unreadable option list", text[:60]) from None
+        if not isinstance(items, (list, tuple)):
+            raise OptionsError("unreadable option list", text[:60])
+        items = [str(x) for x in items]
+    else:
+        items = _SPLIT_RE.split(text.strip())
+    values = {}
+    for item in items:
+        match = _ITEM_RE.match(item)
+        if match is None:
+            raise OptionsError("option without a letter", item[:60])
+        letter, value = match.groups()
+        if letter in values:
+            raise OptionsError("repeated option letter", letter)
+        values[letter] = value
+    if sorted(values) != list(LETTERS):
+        raise OptionsError("not five options a-e", "".join(sorted(values)))
+    return tuple(values[letter] for letter in LETTERS)
+
+
+def _strip_quotes(text: str) -> str:
+    """Rationales often come wrapped in literal double quotes; drop one pair."""
+    text = (text or "").strip()
+    return text[1:-1].strip() if len(text) >= 2 and text[0] == text[-1] == '"' else text
+
+
+def parse_record(record: dict) -> Question:
+    """A `Question` from one MathQA record (the seven string fields); raises OptionsError with a reason."""
+    problem = record.get("Problem")
+    if not isinstance(problem, str) or not problem.strip():
+        raise OptionsError("empty problem")
+    options = parse_options(record.get("options"))
+    correct = str(record.get("correct") or "").strip().lower()
+    if correct not in LETTERS or len(correct) != 1:
+        raise OptionsError("answer not a-e", correct[:10])
+    return Question(problem=problem.strip(), options=options, answer=LETTERS.index(correct),
+                    rationale=_strip_quotes(record.get("Rationale") or ""), category=record.get("category") or "")
+
+
+def parse_records(records: Iterable[dict]) -> tuple[list[Question], ParseReport]:
+    """Every readable record as a Question, plus the report that counts the others by reason."""
+    questions, report = [], ParseReport()
+    for record in records:
+        report.rows += 1
+        try:
+            questions.append(parse_record(record))
+        except OptionsError as error:
+            report.skipped[error.reason] += 1
+    return questions, report
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+def _csv_records(path: pathlib.Path) -> Iterator[dict]:
+    """Rows of a per-category CSV (option_a..option_e columns) as MathQA records.
+
+    These CSVs were made by splitting options on every comma: values keep stray spaces and, for rows that
+    were Python lists, quotes and brackets, which are stripped here. Thousands commas are lost for good.
+    """
+    with open(path, newline="", encoding="utf-8") as file:
+        for row in csv.DictReader(file):
+            values = [(row.get(f"option_{letter}") or "").strip().strip("'[]\" ").strip() for letter in LETTERS]
+            options = " , ".join(f"{letter} ) {value}" for letter, value in zip(LETTERS, values) if value)
+            yield {"Problem": row.get("Problem"), "Rationale": "", "options": options,
+                   "correct": row.get("correct"), "category": row.get("category") or ""}
+
+
+def read_file(path: pathlib.Path) -> list[dict]:
+    """Records of one local file: a JSON list, jsonl, parquet or per-category CSV."""
+    try:
+        if path.suffix == ".csv":
+            return list(_csv_records(path))
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
+        if path.suffix == ".jsonl":
+            with open(path, encoding="utf-8") as file:
+                return [json.loads(line) for line in file if line.strip()]
+        if path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict):  # {"data": [...]}-style wrappers
+                data = next((v for v in data.values() if isinstance(v, list)), [])
+            return list(data)
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot read MathQA file {path} ({type(error).__name__}: {error}); check that it is "
+                        f"a JSON list, jsonl, parquet or CSV of MathQA records") from error
+    raise DataError(f"the MathQA file {path} is not .json, .jsonl, .parquet or .csv; convert it")
+
+
+def local_split_files(folder: str, split: str) -> list[pathlib.Path]:
+    """The files behind `split`: itself when it is a path, else its files in `folder` by name."""
+    direct = pathlib.Path(split).expanduser()
+    if direct.is_file():
+        return [direct]
+    if direct.is_dir():
+        return _files_in(direct)
+    root = pathlib.Path(folder).expanduser()
+    for stem in LOCAL_STEMS.get(split, (split,)):
+        for candidate in (root / f"{stem}.json", root / f"{stem}.jsonl", root / f"{stem}.parquet",
+                          root / f"{stem}.csv"):
+            if candidate.is_file():
+                return [candidate]
+        for pattern in (f"{stem}-*.parquet", f"data/{stem}-*.parquet", f"{stem}_by_category_csv/*.csv"):
+            found = sorted(root.glob(pattern))
+            if found:
+                return found
+    raise DataError(f"no MathQA '{split}' files found in {root.resolve()} (looked for "
+                    f"{'/'.join(LOCAL_STEMS.get(split, (split,)))}.json/.jsonl/.parquet); set --config.mathqa.path "
+                    f"to a folder such as ../shared/data/mathqa, or name a file in --config.mathqa.{split}_split")
+
+
+def _files_in(folder: pathlib.Path) -> list[pathlib.Path]:
+    for ext in (".json", ".jsonl", ".parquet", ".csv"):
+        found = sorted(folder.glob(f"*{ext}"))
+        if found:
+            return found
+    raise DataError(f"the MathQA folder {folder} holds no .json, .jsonl, .parquet or .csv files")
+
+
+def load_questions(mathqa_cfg, split: str) -> tuple[list[Question], ParseReport]:
+    """Questions of `split` (a split name, or a local path) from the configured source, with the report.
+
+    The synthetic source generates `mathqa.synthetic_problems` for train and a tenth of that for others.
+    """
+    source = mathqa_cfg.source
+    if source == "synthetic":
+        n = mathqa_cfg.synthetic_problems
+        size = n if split == "train" else max(1, n // 10)
+        records = synthetic.generate_problems(size, SYNTHETIC_SEEDS.get(split, 4))
+    elif source == "hub":
+        name = mathqa_cfg.path or HUB_NAME
+        hub_split = HUB_SPLITS.get(split, split)
+        records = _load_hub(name, hub_split)
+    elif source == "local":
+        records = [r for f in local_split_files(mathqa_cfg.path, split) for r in read_file(f)]
+    else:
+        raise DataError(f"unknown MathQA source '{source}'; set --config.mathqa.source to synthetic, hub or local")
+    questions, report = parse_records(records)
+    if not questions:
+        raise DataError(f"the MathQA {source} split '{split}' has no readable questions ({report.summary()})")
+    return questions, report
+
+
+def load_splits(mathqa_cfg) -> tuple[dict[str, list[Question]], dict[str, dict]]:
+    """{"train", "val", "test"} questions and each split's parse report summary.
+
+    With `mathqa.val_split == ""` validation is carved out of train: a seeded `val_fraction` of it.
+    """
+    splits, reports = {}, {}
+    splits["train"], train_report = load_questions(mathqa_cfg, mathqa_cfg.train_split)
+    reports["train"] = train_report.summary()
+    if mathqa_cfg.val_split:
+        splits["val"], report = load_questions(mathqa_cfg, mathqa_cfg.val_split)
+        reports["val"] = report.summary()
+    else:
+        train = splits["train"]
+        order = np.random.default_rng([mathqa_cfg.seed, 2357]).permutation(len(train))
+        n_val = max(1, int(round(len(train) * mathqa_cfg.val_fraction)))
+        if n_val >= len(train):
+            raise DataError(f"the MathQA train split has {len(train)} questions, too few to carve out validation; "
+                            f"set --config.mathqa.val_split")
+        splits["val"] = [train[i] for i in sorted(order[:n_val])]
+        splits["train"] = [train[i] for i in sorted(order[n_val:])]
+    splits["test"], report = load_questions(mathqa_cfg, mathqa_cfg.test_split)
+    reports["test"] = report.summary()
+    return splits, reports
+
+
+# --------------------------------------------------------------------------------------- formatting
+
+
+def format_options(options: Iterable[str]) -> str:
+    return " , ".join(f"{letter} ) {value}" for letter, value in zip(LETTERS, options))
+
+
+def format_prompt(question: Question) -> str:
+    """The prompt: "Question: ...\\nOptions: a ) ... , e ) ...\\nAnswer:" (the target follows directly)."""
+    return f"Question: {question.problem}\nOptions: {format_options(question.options)}\nAnswer:"
+
+
+def format_choice(question: Question, index: int) -> str:
+    """The answer text of option `index`: " c ) 30" (what the multiple-choice scorer compares)."""
+    return f" {LETTERS[index]} ) {question.options[index]}"
+
+
+def format_target(question: Question, rationale: bool = False) -> str:
+    """The training target: the correct choice, optionally followed by "\\nRationale: ..."."""
+    target = format_choice(question, question.answer)
+    if rationale and question.rationale:
+        target += f"\nRationale: {question.rationale}"
+    return target
+
+
+def few_shot_prefix(shots: list[Question]) -> str:
+    """K solved examples, each prompt + correct choice, each followed by a blank line."""
+    return "".join(format_prompt(q) + format_choice(q, q.answer) + "\n\n" for q in shots)
+
+
+def shot_indices(n_train: int, k: int, seed: int, question_index: int) -> np.ndarray:
+    """The K train examples shown before test question `question_index`: a pure function of its inputs."""
+    if k == 0:
+        return np.zeros((0,), np.int64)
+    return np.random.default_rng([seed, question_index]).choice(n_train, size=min(k, n_train), replace=False)
+
+
+# ------------------------------------------------------------------------------------ tokens and masks
+
+
+def tokenize_example(tokenizer, prompt: str, target: str, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """ids int32 [n] = prompt + target + EOT, and mask float32 [n]: 1 on target tokens and the EOT.
+
+    When n > max_length + 1 the prompt is cut from the left (the answer is what is learned), so the
+    returned sequence has at most max_length + 1 tokens (inputs and targets of max_length each).
+    """
+    prompt_ids = tokenizer.encode(prompt)
+    target_ids = tokenizer.encode(target) + [tokenizer.eot_id]
+    keep_prompt = max(0, max_length + 1 - len(target_ids))
+    prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:] if len(prompt_ids) > keep_prompt else prompt_ids
+    target_ids = target_ids[-(max_length + 1):]
+    ids = np.asarray(prompt_ids + target_ids, np.int32)
+    mask = np.concatenate([np.zeros(len(prompt_ids), np.float32), np.ones(len(target_ids), np.float32)])
+    return ids, mask
+
+
+def padded_length(lengths: Iterable[int], pad_multiple: int, max_length: int) -> int:
+    """The batch length L: the longest (ids - 1) rounded up to pad_multiple, at most max_length."""
+    longest = max(max(lengths, default=1) - 1, 1)
+    if pad_multiple <= 0:
+        return max_length
+    return min(max_length, -(-longest // pad_multiple) * pad_multiple)
+
+
+def make_batch(examples: list[tuple[np.ndarray, np.ndarray]], batch_size: int, seq_len: int) -> dict:
+    """Pack (ids, mask) examples into one padded batch of `batch_size` rows and length `seq_len`.
+
+    Rows past len(examples) and positions past each example's end are padding: token 0 and weight 0.
+    weights[j, t] = mask[t + 1], the mask of the *target* token, so the prompt and pad -> pad targets
+    carry no loss and no accuracy.
+    """
+    inputs = np.zeros((batch_size, seq_len), np.int32)
+    targets = np.zeros((batch_size, seq_len), np.int32)
+    weights = np.zeros((batch_size, seq_len), np.float32)
+    for row, (ids, mask) in enumerate(examples):
+        n = min(len(ids) - 1, seq_len)
+        inputs[row, :n] = ids[:n]
+        targets[row, :n] = ids[1:n + 1]
+        weights[row, :n] = mask[1:n + 1]
+    return {"inputs": inputs, "targets": targets, "weights": weights}
+
+
+class FinetuneData:
+    """Tokenized MathQA training and validation examples and their batches (order: a function of seed, step)."""
+
+    def __init__(self, questions: dict[str, list[Question]], tokenizer, *, max_length: int, pad_multiple: int,
+                 rationale: bool = False):
+        self.max_length, self.pad_multiple = max_length, pad_multiple
+
+        def encode(qs):
+            return [tokenize_example(tokenizer, format_prompt(q), format_target(q, rationale), max_length) for q in qs]
+
+        self.train = encode(questions["train"])
+        self.val = encode(questions["val"])
+
+    def _batch(self, examples, batch_size: int) -> dict:
+        seq_len = padded_length((len(ids) for ids, _ in examples), self.pad_multiple, self.max_length)
+        return make_batch(examples, batch_size, seq_len)
+
+    def train_batch(self, *, seed: int, step: int, batch_size: int, grad_accum: int) -> dict:
+        """Batch of optimizer step `step`: arrays [K, B, L], examples drawn without replacement per epoch."""
+        n, total = len(self.train), batch_size * grad_accum
+        samples = step * total + np.arange(total)
+        rows = [self.train[_epoch_order(seed, int(s // n), n)[s % n]] for s in samples]
+        batch = self._batch(rows, total)
+        return {name: a.reshape(grad_accum, batch_size, *a.shape[1:]) for name, a in batch.items()}
+
+    def val_batches(self, batch_size: int, max_batches: int = 0) -> list[dict]:
+        """Validation examples in order, in batches of `batch_size` (the last one padded with weight-0 rows)."""
+        batches = [self._batch(self.val[i:i + batch_size], batch_size) for i in range(0, len(self.val), batch_size)]
+        return batches[:max_batches] if max_batches else batches
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    order = np.random.default_rng([seed, epoch, 7]).permutation(n)
+    order.flags.writeable = False
+    return order

@@ -1,0 +1,262 @@
+"""The MathQA fine-tuning stage: from a pretrained checkpoint's params, train on masked answer tokens.
+
+`finetune(stage_cfg, workdir, init_from)` takes the config of the stage (`config.stage_config(config,
+"finetune")`: `finetune.optim` and `finetune.train` in place of `optim` and `train`). When `workdir` has no
+checkpoint yet, the params are read from `init_from` (a workdir, checkpoints/ folder or step folder; the
+optimizer state there is ignored) and the optimizer starts fresh; otherwise the stage resumes from its own
+newest checkpoint. Batches come from jaxllm/data/mathqa.py (loss only on answer tokens and the closing
+end-of-text) as a pure function of (mathqa.seed, step), so a resumed stage trains on exactly the batches an
+uninterrupted one would. With `finetune.lora.rank > 0` only LoRA adapters train (models/lora.py); the
+final params are exported with the adapters merged.
+
+At the end: a validation pass over every validation example, then the multiple-choice accuracy on the
+test split for each of `mathqa.eval_shots` (rows with split "mathqa" in metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from jaxllm import checkpoint as checkpoint_lib
+from jaxllm import eval as eval_lib
+from jaxllm import loss as loss_lib
+from jaxllm import config as config_lib
+from jaxllm import models, optim, sharding, step as step_lib
+from jaxllm.config import ConfigError
+from jaxllm.data import mathqa
+from jaxllm.metrics import MetricsWriter, read_metrics
+from jaxllm.models import lora as lora_lib
+from jaxllm.tokenizer import get_tokenizer
+
+
+class FinetuneError(RuntimeError):
+    """The fine-tune cannot go on (a NaN loss, a checkpoint of another model); the message says why."""
+
+
+def build(config):
+    """(model, optimizer, schedule) of the stage: LoRA-wrapped with a frozen base when lora.rank > 0."""
+    model = models.build_model(config.model)
+    optimizer, schedule = optim.make_optimizer(config), optim.make_schedule(config)
+    lora = config.finetune.lora
+    if lora.rank:
+        model = lora_lib.LoraModel(model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets)
+        optimizer = lora_lib.frozen_base_optimizer(optimizer)
+    return model, optimizer, schedule
+
+
+def initial_params(config, init_from: str | pathlib.Path):
+    """The params of checkpoint `init_from` (any stage's), checked against the configured model (float32).
+
+    LoRA adapters in it are merged; with `finetune.lora.rank > 0` fresh adapters are added on top.
+    """
+    folder, step = checkpoint_lib.locate(init_from)
+    checkpointer = checkpoint_lib.Checkpointer(folder)
+    try:
+        checkpointer.check_compatible(step, config.model)
+        state, _ = checkpointer.restore_saved(step)
+    finally:
+        checkpointer.close()
+    params = lora_lib.merge(state["params"], config.finetune.lora.alpha)
+    expected = models.abstract_params(config.model)
+    mismatched = [f"{jax.tree_util.keystr(path)} {getattr(leaf, 'shape', None)}"
+                  for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]
+                  if _lookup(params, path) is None or tuple(_lookup(params, path).shape) != tuple(leaf.shape)]
+    if mismatched or jax.tree.structure(expected) != jax.tree.structure(params):
+        raise FinetuneError(f"the checkpoint {folder}/{step} does not fit model {config.model.name}: "
+                            f"{', '.join(mismatched[:5]) or 'different parameter names'}; use the same model settings")
+    params = jax.tree.map(lambda p, e: jnp.asarray(p, e.dtype), params, expected)
+    if config.finetune.lora.rank:
+        model = lora_lib.LoraModel(models.build_model(config.model), rank=config.finetune.lora.rank,
+                                   alpha=config.finetune.lora.alpha, dropout=config.finetune.lora.dropout,
+                                   targets=config.finetune.lora.targets)
+        params = {"base": params, "lora": model.init_adapters(jax.random.key(config.seed), params)}
+    return params
+
+
+def _lookup(tree, path):
+    for key in path:
+        name = getattr(key, "key", key)
+        if not isinstance(tree, dict) or name not in tree:
+            return None
+        tree = tree[name]
+    return tree
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT become a flag checked after each step (then the stage checkpoints and returns)."""
+
+    def __init__(self):
+        self.signal_name, self._previous = None, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _evaluate(eval_step, params, batches, mesh) -> dict[str, float]:
+    sums = None
+    for batch in batches:
+        out = eval_step(params, sharding.shard_batch(batch, mesh))
+        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    return loss_lib.summarize(jax.device_get(sums))
+
+
+def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path | None) -> dict[str, Any]:
+    """Run (or resume) the fine-tune stage in `workdir`; return its summary. `config` is the stage config."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    m, t, q = config.model, config.train, config.mathqa
+    tokenizer = get_tokenizer(config.data.tokenizer, config.data.tokenizer_path)
+    if m.vocab_size < tokenizer.n_vocab:
+        raise ConfigError(f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer's {tokenizer.n_vocab} ids")
+    mesh = sharding.make_mesh(t.num_devices)
+    for name, size in (("finetune.train.batch_size", t.batch_size), ("mathqa.eval_batch_size", q.eval_batch_size)):
+        if size % mesh.size:
+            raise ConfigError(f"{name} ({size}) must be divisible by the {mesh.size} devices of the mesh")
+    max_length = q.max_length or m.sequence_length
+    if m.name == "gpt2" and max_length > m.sequence_length:
+        raise ConfigError(f"mathqa.max_length ({max_length}) exceeds gpt2's learned positions ({m.sequence_length})")
+
+    questions, reports = mathqa.load_splits(q)
+    (workdir / "mathqa_parse.json").write_text(json.dumps(reports, indent=2))
+    for split, report in reports.items():
+        if report["skipped"]:
+            print(f"mathqa {split}: skipped {report['rows'] - report['read']} of {report['rows']} rows: "
+                  f"{report['skipped']}", file=sys.stderr)
+    data = mathqa.FinetuneData(questions, tokenizer, max_length=max_length, pad_multiple=q.pad_multiple,
+                               rationale=q.rationale)
+
+    checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
+    latest = checkpointer.latest_step()
+    model, optimizer, schedule = build(config)
+    train_step = step_lib.compile_train_step(step_lib.make_train_step(model, optimizer, schedule, config), mesh)
+    eval_step = step_lib.make_eval_step(model, config, mesh)
+    replicated = sharding.replicated(mesh)
+    if latest is None:
+        if init_from is None:
+            raise ConfigError("the finetune stage has nothing to start from; set finetune.init_from or run pretrain first")
+        params = initial_params(config, init_from)
+        state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+        state = jax.device_put(state, replicated)
+        meta = {}
+    else:
+        checkpointer.check_compatible(latest, m)
+        abstract = jax.eval_shape(lambda: _fresh_state(model, optimizer, config))
+        state, meta = checkpointer.restore(latest, abstract, jax.tree.map(lambda _: replicated, abstract))
+    opt_bytes, param_bytes = lora_lib.tree_bytes(state.opt_state), lora_lib.tree_bytes(state.params)
+    start_step = int(jax.device_get(state.step))
+    (workdir / "config.json").write_text(config_lib.to_json(config))
+    writer = MetricsWriter(workdir, resume_step=latest)
+    if latest is None:
+        writer.write(0, "memory", {"opt_state_bytes": opt_bytes, "param_bytes": param_bytes,
+                                   "trainable_params": models.count_params(
+                                       state.params["lora"] if lora_lib.is_lora(state.params) else state.params)})
+    print(f"finetune: optimizer state {opt_bytes / 2**20:.2f} MiB, params {param_bytes / 2**20:.2f} MiB"
+          f"{' (LoRA rank ' + str(config.finetune.lora.rank) + ')' if config.finetune.lora.rank else ''}", file=sys.stderr)
+
+    val_batches = data.val_batches(t.batch_size, t.eval_batches)
+    elapsed_before, run_start = float(meta.get("elapsed_s", 0.0)), time.monotonic()
+
+    def save(step_number: int) -> None:
+        checkpointer.save(step_number, state, {"step": step_number, "stage": "finetune",
+                                               "elapsed_s": elapsed_before + time.monotonic() - run_start,
+                                               "model_shape": checkpoint_lib.shape_signature(m)})
+
+    step_number, stop_reason, last, val = start_step, None, {}, {}
+    interval_start, tokens = time.monotonic(), 0
+    with _StopRequest() as stop:
+        while step_number < t.steps:
+            batch = data.train_batch(seed=q.seed, step=step_number, batch_size=t.batch_size, grad_accum=t.grad_accum)
+            tokens += batch["inputs"].size
+            state, metrics = train_step(state, sharding.shard_batch(batch, mesh, batch_axis=1))
+            step_number += 1
+            if step_number % t.log_every == 0 or step_number == t.steps:
+                metrics = jax.device_get(metrics)
+                if not math.isfinite(float(metrics["loss"])):
+                    raise FinetuneError(f"the fine-tune loss became {float(metrics['loss'])} at step {step_number}; "
+                                        f"lower finetune.optim.lr (the last checkpoint is intact)")
+                now = time.monotonic()
+                last = writer.write(step_number, "train", {**metrics, "tokens_per_s": tokens / (now - interval_start)})
+                interval_start, tokens = now, 0
+            elapsed = elapsed_before + time.monotonic() - run_start
+            if stop.signal_name:
+                stop_reason = f"received {stop.signal_name}"
+            elif t.max_duration_s and elapsed >= t.max_duration_s:
+                stop_reason = f"wall-clock budget of {t.max_duration_s:.0f} s reached"
+            if step_number % t.eval_every == 0 or step_number == t.steps:
+                val = writer.write(step_number, "val", _evaluate(eval_step, state.params, val_batches, mesh))
+            if step_number % t.checkpoint_every == 0 or step_number == t.steps or stop_reason:
+                save(step_number)
+            if stop_reason:
+                break
+    summary: dict[str, Any] = {"step": step_number, "train": last, "val": val}
+    if stop_reason and stop_reason.startswith("received"):
+        writer.close()
+        checkpointer.close()
+        print(f"{stop_reason}: saved fine-tune checkpoint at step {step_number}; run the same command to resume",
+              file=sys.stderr)
+        return {**summary, "stopped": stop_reason}
+    if stop_reason:
+        summary["stopped"] = stop_reason
+
+    # A stage killed during these final evaluations redoes only the ones it had not written yet.
+    rows = [r for r in read_metrics(writer.path) if r["step"] == step_number]
+    done_shots = {r["shots"] for r in rows if r["split"] == "mathqa"}
+    if not any(r.get("full") for r in rows):
+        full = _evaluate(eval_step, state.params, data.val_batches(t.batch_size), mesh)
+        summary["val_full"] = writer.write(step_number, "val", {**full, "full": True}, tag="val_full")
+    params = state.params
+    if lora_lib.is_lora(params):
+        params = lora_lib.merge(params, config.finetune.lora.alpha)
+        _export(workdir / "export", params)
+    base_model = models.build_model(m)
+    test = questions["test"][:q.eval_questions] if q.eval_questions else questions["test"]
+    for shots in [int(s) for s in q.eval_shots.split(",") if s.strip()]:
+        if shots in done_shots:
+            continue
+        result = eval_lib.run_mc(config, params, base_model, tokenizer, mesh, test, questions["train"], shots)
+        summary[f"mathqa_{shots}shot"] = writer.write(step_number, "mathqa", result, tag=f"mathqa_{shots}shot")
+        print(f"MathQA {q.test_split} {shots}-shot: n={result['n']} acc={result['acc']:.4f} "
+              f"acc_norm={result['acc_norm']:.4f} ({result['seconds']:.0f} s)", file=sys.stderr)
+    writer.close()
+    checkpointer.close()
+    return summary
+
+
+def _fresh_state(model, optimizer, config) -> step_lib.TrainState:
+    tokens_1xL = jnp.zeros((1, config.model.sequence_length), jnp.int32)
+    params = model.init(jax.random.key(config.seed), tokens_1xL)["params"]
+    return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def _export(directory: pathlib.Path, params) -> None:
+    """The merged params alone (orbax StandardSave), for serving without the LoRA wrapper."""
+    if directory.exists():
+        return
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory.absolute(), params)
+    checkpointer.wait_until_finished()

@@ -1,0 +1,141 @@
+"""Stages: the fine-tune starts from exactly the pretrained params, resumes exactly, and is not rerun."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import checkpoint as checkpoint_lib
+from jaxllm import config as config_lib
+from jaxllm import finetune as finetune_lib
+from jaxllm import step as step_lib
+from jaxllm import train as train_lib
+from jaxllm.metrics import read_metrics
+
+
+def staged_config(tmp_path, **overrides):
+    c = config_lib.default_config()
+    c.stages = "pretrain,finetune"
+    c.model.n_layer, c.model.n_embd, c.model.n_head = 2, 32, 4
+    c.model.vocab_size, c.model.sequence_length = 320, 64
+    c.data.source, c.data.tokenizer, c.data.synthetic_documents = "synthetic", "byte", 200
+    c.data.num_proc, c.data.cache_dir = 1, str(tmp_path / "cache")
+    c.train.steps, c.train.batch_size, c.train.grad_accum = 3, 4, 1
+    c.train.eval_every, c.train.eval_batches, c.train.checkpoint_every = 3, 1, 3
+    c.train.num_devices, c.train.progress, c.train.full_eval_at_end = 1, False, False
+    c.mathqa.synthetic_problems, c.mathqa.eval_questions, c.mathqa.eval_shots = 60, 4, "0,1"
+    c.mathqa.max_length, c.mathqa.eval_batch_size = 128, 20
+    f = c.finetune.train
+    f.steps, f.batch_size, f.log_every, f.eval_every, f.eval_batches = 6, 4, 1, 3, 1
+    f.checkpoint_every, f.keep_checkpoints, f.num_devices, f.progress = 2, 5, 1, False
+    c.finetune.optim.lr = 1e-3
+    config_lib.apply_overrides(c, [f"{k}={v}" for k, v in overrides.items()])
+    return config_lib.validate(c)
+
+
+def saved_params(workdir):
+    folder, step = checkpoint_lib.locate(workdir)
+    checkpointer = checkpoint_lib.Checkpointer(folder)
+    state, _ = checkpointer.restore_saved(step)
+    checkpointer.close()
+    return state["params"]
+
+
+def rows(workdir, split):
+    return [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == split]
+
+
+def test_finetune_starts_from_exactly_the_pretrained_params_with_fresh_optimizer(tmp_path, monkeypatch):
+    first_states = []
+    original = step_lib.compile_train_step
+
+    def spy(fn, mesh):  # records the state each compiled step (one per stage) is first called with
+        compiled, slot = original(fn, mesh), len(first_states)
+        first_states.append(None)
+
+        def wrapper(state, batch):
+            if first_states[slot] is None:
+                first_states[slot] = jax.device_get(state)
+            return compiled(state, batch)
+
+        return wrapper
+
+    monkeypatch.setattr(step_lib, "compile_train_step", spy)
+    summary = train_lib.run_stages(staged_config(tmp_path), tmp_path / "run")
+    pretrain_start, finetune_start = first_states[0], first_states[1]
+    pretrained = saved_params(tmp_path / "run" / "pretrain")
+    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), pretrained, finetune_start.params)
+    assert all(jax.tree.leaves(same))
+    assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, pretrain_start.params, finetune_start.params)))
+    assert int(finetune_start.step) == 0
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(finetune_start.opt_state) if np.ndim(x) > 0)
+    assert set(summary) == {"pretrain", "finetune"}
+    mc = rows(tmp_path / "run" / "finetune", "mathqa")
+    assert [r["shots"] for r in mc] == [0, 1] and all(r["n"] == 4 and 0 <= r["acc"] <= 1 for r in mc)
+    assert (tmp_path / "run" / "finetune" / "stage_done.json").is_file()
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_finetune_resumes_exactly_and_pretrain_is_not_rerun(tmp_path, monkeypatch):
+    train_lib.run_stages(staged_config(tmp_path), tmp_path / "straight")
+    original = step_lib.compile_train_step
+    calls = {"n": 0}
+
+    def dying(fn, mesh):
+        compiled = original(fn, mesh)
+
+        def wrapper(state, batch):
+            calls["n"] += 1
+            if calls["n"] == 3 + 6:  # pretrain's 3 steps, then die before fine-tune step 6 (checkpoint at 4)
+                raise Killed()
+            return compiled(state, batch)
+
+        return wrapper
+
+    with monkeypatch.context() as patch:
+        patch.setattr(step_lib, "compile_train_step", dying)
+        with pytest.raises(Killed):
+            train_lib.run_stages(staged_config(tmp_path), tmp_path / "resumed")
+
+    def no_pretraining(*args, **kwargs):
+        raise AssertionError("the finished pretrain stage ran again")
+
+    monkeypatch.setattr(train_lib, "train", no_pretraining)
+    train_lib.run_stages(staged_config(tmp_path), tmp_path / "resumed")
+    for split in ("train", "val", "mathqa"):
+        a, b = rows(tmp_path / "straight" / "finetune", split), rows(tmp_path / "resumed" / "finetune", split)
+        for row in a + b:
+            row.pop("tokens_per_s", None), row.pop("seconds", None)
+        assert a == b, split
+
+
+def test_lora_stage_trains_adapters_only_and_reports_optimizer_memory(tmp_path):
+    full = staged_config(tmp_path, **{"finetune.train.steps": 2, "mathqa.eval_shots": ""})
+    lora = staged_config(tmp_path, **{"finetune.train.steps": 2, "mathqa.eval_shots": "",
+                                      "finetune.lora.rank": 2, "finetune.lora.targets": "q,v"})
+    train_lib.run_stages(full, tmp_path / "full")
+    finetune_lib.finetune(config_lib.stage_config(lora, "finetune"), tmp_path / "lora", tmp_path / "full" / "pretrain")
+    memory = {name: rows(tmp_path / name / ("finetune" if name == "full" else ""), "memory")[0]
+              for name in ("full", "lora")}
+    assert memory["lora"]["opt_state_bytes"] < memory["full"]["opt_state_bytes"] / 10
+    params = saved_params(tmp_path / "lora")
+    pretrained = saved_params(tmp_path / "full" / "pretrain")
+    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), pretrained, params["base"])
+    assert all(jax.tree.leaves(same))
+    assert (tmp_path / "lora" / "export").is_dir()
+
+
+def test_stage_config_errors():
+    c = config_lib.default_config()
+    c.stages = "finetune,pretrain"
+    with pytest.raises(config_lib.ConfigError, match="in that order"):
+        config_lib.validate(c)
+    c.stages = "finetune"
+    with pytest.raises(config_lib.ConfigError, match="finetune.init_from"):
+        config_lib.validate(c)
+    c.stages, c.finetune.lora.targets = "pretrain,finetune", "q,x"
+    with pytest.raises(config_lib.ConfigError, match="finetune.lora.targets"):
+        config_lib.validate(c)
