@@ -16,11 +16,8 @@ test split for each of `mathqa.eval_shots` (rows with split "mathqa" in metrics.
 from __future__ import annotations
 
 import json
-import math
 import pathlib
-import signal
 import sys
-import time
 from typing import Any
 
 import jax
@@ -29,7 +26,7 @@ import orbax.checkpoint as ocp
 
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import eval as eval_lib
-from jaxllm import loss as loss_lib
+from jaxllm import loop
 from jaxllm import config as config_lib
 from jaxllm import models, optim, sharding, step as step_lib
 from jaxllm.config import ConfigError
@@ -92,39 +89,6 @@ def _lookup(tree, path):
     return tree
 
 
-class _StopRequest:
-    """SIGTERM/SIGINT become a flag checked after each step (then the stage checkpoints and returns)."""
-
-    def __init__(self):
-        self.signal_name, self._previous = None, {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal_name is not None:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
-def _evaluate(eval_step, params, batches, mesh) -> dict[str, float]:
-    sums = None
-    for batch in batches:
-        out = eval_step(params, sharding.shard_batch(batch, mesh))
-        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    return loss_lib.summarize(jax.device_get(sums))
-
-
 def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path | None) -> dict[str, Any]:
     """Run (or resume) the fine-tune stage in `workdir`; return its summary. `config` is the stage config."""
     workdir = pathlib.Path(workdir)
@@ -179,42 +143,23 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
           f"{' (LoRA rank ' + str(config.finetune.lora.rank) + ')' if config.finetune.lora.rank else ''}", file=sys.stderr)
 
     val_batches = data.val_batches(t.batch_size, t.eval_batches)
-    elapsed_before, run_start = float(meta.get("elapsed_s", 0.0)), time.monotonic()
 
-    def save(step_number: int) -> None:
-        checkpointer.save(step_number, state, {"step": step_number, "stage": "finetune",
-                                               "elapsed_s": elapsed_before + time.monotonic() - run_start,
-                                               "model_shape": checkpoint_lib.shape_signature(m)})
+    def save(step_number: int, state, tokens_seen: int, elapsed_s: float) -> None:
+        checkpointer.save(step_number, state, {"step": step_number, "stage": "finetune", "tokens_seen": tokens_seen,
+                                               "elapsed_s": elapsed_s, "model_shape": checkpoint_lib.shape_signature(m)})
 
-    step_number, stop_reason, last, val = start_step, None, {}, {}
-    interval_start, tokens = time.monotonic(), 0
-    with _StopRequest() as stop:
-        while step_number < t.steps:
-            batch = data.train_batch(seed=q.seed, step=step_number, batch_size=t.batch_size, grad_accum=t.grad_accum)
-            tokens += batch["inputs"].size
-            state, metrics = train_step(state, sharding.shard_batch(batch, mesh, batch_axis=1))
-            step_number += 1
-            if step_number % t.log_every == 0 or step_number == t.steps:
-                metrics = jax.device_get(metrics)
-                if not math.isfinite(float(metrics["loss"])):
-                    raise FinetuneError(f"the fine-tune loss became {float(metrics['loss'])} at step {step_number}; "
-                                        f"lower finetune.optim.lr (the last checkpoint is intact)")
-                now = time.monotonic()
-                last = writer.write(step_number, "train", {**metrics, "tokens_per_s": tokens / (now - interval_start)})
-                interval_start, tokens = now, 0
-            elapsed = elapsed_before + time.monotonic() - run_start
-            if stop.signal_name:
-                stop_reason = f"received {stop.signal_name}"
-            elif t.max_duration_s and elapsed >= t.max_duration_s:
-                stop_reason = f"wall-clock budget of {t.max_duration_s:.0f} s reached"
-            if step_number % t.eval_every == 0 or step_number == t.steps:
-                val = writer.write(step_number, "val", _evaluate(eval_step, state.params, val_batches, mesh))
-            if step_number % t.checkpoint_every == 0 or step_number == t.steps or stop_reason:
-                save(step_number)
-            if stop_reason:
-                break
-    summary: dict[str, Any] = {"step": step_number, "train": last, "val": val}
-    if stop_reason and stop_reason.startswith("received"):
+    result = loop.run_loop(
+        state, train_cfg=t, train_step=train_step,
+        host_batch=lambda step: data.train_batch(seed=q.seed, step=step, batch_size=t.batch_size,
+                                                 grad_accum=t.grad_accum),
+        shard=lambda batch: sharding.shard_batch(batch, mesh, batch_axis=1),
+        evaluate_params=lambda params: loop.evaluate(eval_step, params, val_batches),
+        save=save, writer=writer, last_good_step=checkpointer.latest_step,
+        elapsed_before=float(meta.get("elapsed_s", 0.0)), tokens_seen=int(meta.get("tokens_seen", 0)),
+        nan_hint="lower finetune.optim.lr")
+    state, step_number, stop_reason = result.state, result.step, result.stop_reason
+    summary: dict[str, Any] = {"step": step_number, "train": result.train, "val": result.val}
+    if result.interrupted:
         writer.close()
         checkpointer.close()
         print(f"{stop_reason}: saved fine-tune checkpoint at step {step_number}; run the same command to resume",
@@ -227,7 +172,7 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
     rows = [r for r in read_metrics(writer.path) if r["step"] == step_number]
     done_shots = {r["shots"] for r in rows if r["split"] == "mathqa"}
     if not any(r.get("full") for r in rows):
-        full = _evaluate(eval_step, state.params, data.val_batches(t.batch_size), mesh)
+        full = loop.evaluate(eval_step, state.params, data.val_batches(t.batch_size))
         summary["val_full"] = writer.write(step_number, "val", {**full, "full": True}, tag="val_full")
     params = state.params
     if lora_lib.is_lora(params):

@@ -64,7 +64,9 @@ def peak_flops(dtype: str = "bfloat16", n_devices: int = 1) -> tuple[float, str]
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak: float) -> float:
-    """Model FLOPs utilisation: tokens_per_s * flops_per_token / peak FLOP/s."""
+    """Model FLOPs utilisation: tokens_per_s * flops_per_token / peak FLOP/s (NaN when either is unknown)."""
+    if not peak or not flops_per_token:
+        return float("nan")
     return tokens_per_s * flops_per_token / peak
 
 

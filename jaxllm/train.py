@@ -1,21 +1,17 @@
-"""Command line and training loop: `python -m jaxllm.train --config configs/tiny.py [--config.a.b=v ...]`.
+"""Command line and the pretraining stage: `python -m jaxllm.train --config configs/tiny.py [--config.a.b=v ...]`.
 
-The loop is a thin shell around the pure, compiled `train_step`: it builds the batch for step n from
-(data.seed, n) alone, dispatches step n+1 before it reads step n's metrics, evaluates on a fixed set of
-validation batches, and checkpoints every `train.checkpoint_every` steps, at the end, on SIGTERM/SIGINT and
-when the wall-clock budget runs out. Running the same command on the same workdir resumes from the newest
-checkpoint and reproduces the uninterrupted run's losses bit for bit on CPU.
+`train` prepares the data, builds the model, optimizer and compiled step, restores the newest checkpoint of
+the workdir if there is one, and hands over to the shared step loop (`jaxllm.loop`): the batch for step n
+comes from (data.seed, n) alone, so a resumed run reproduces the uninterrupted run's losses bit for bit on
+CPU. `run_stages` chains pretraining and the MathQA fine-tune (`jaxllm.finetune`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import pathlib
-import signal
 import sys
-import time
 from typing import Any
 
 import jax
@@ -25,18 +21,15 @@ from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
 from jaxllm import hardware
 from jaxllm import finetune as finetune_lib
-from jaxllm import loss as loss_lib
+from jaxllm import loop
 from jaxllm import models, optim, sharding, step as step_lib
 from jaxllm.config import ConfigError
 from jaxllm.data import batches as batches_lib
 from jaxllm.data.prepare import prepare
 from jaxllm.data.sources import DataError
+from jaxllm.loop import TrainingError
 from jaxllm.metrics import MetricsWriter
 from jaxllm.tokenizer import TokenizerError, get_tokenizer
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (a NaN loss, say); the message says why and what survives."""
 
 
 USER_ERRORS = (ConfigError, DataError, TokenizerError, checkpoint_lib.CheckpointError, TrainingError,
@@ -88,40 +81,6 @@ def check_moe_compatible(checkpointer, step: int, config) -> None:
                 f"there, {value} here); use a new --workdir or the same model settings")
 
 
-class _StopRequest:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then it checkpoints and exits)."""
-
-    def __init__(self):
-        self.signal_name = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals stay with their owner
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal_name is not None:  # a second Ctrl-C: the user really wants out
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
-def _evaluate(eval_step, params, batches) -> dict[str, float]:
-    sums = None
-    for batch in batches:
-        out = eval_step(params, batch)
-        sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-    return loss_lib.summarize(jax.device_get(sums))
-
-
 def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Train (or resume) the run in `workdir`; return the final metrics."""
     config_lib.validate(config)
@@ -165,16 +124,10 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     writer = MetricsWriter(workdir, resume_step=latest)
 
     tokens_per_step = B * K * L
-    # MFU: model FLOPs per token over peak FLOP/s (a GPU table, or this CPU's matmul measured once).
-    flops_per_token = models.flops_per_token(m, config.moe)
-    peak_flops, _ = hardware.peak_flops(m.dtype, mesh.size)
-    elapsed_before = float(meta.get("elapsed_s", 0.0))
-    run_start = time.monotonic()
 
-    def save(step_number: int) -> None:
+    def save(step_number: int, state, tokens_seen: int, elapsed_s: float) -> None:
         checkpointer.save(step_number, state, {
-            "step": step_number, "tokens_seen": step_number * tokens_per_step,
-            "elapsed_s": elapsed_before + time.monotonic() - run_start,
+            "step": step_number, "tokens_seen": tokens_seen, "elapsed_s": elapsed_s,
             "model_shape": checkpoint_lib.shape_signature(m), "moe_shape": moe_shape_signature(config)})
 
     def host_batch(step_number: int) -> dict[str, np.ndarray]:
@@ -182,85 +135,31 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
                                        batch_size=B * K, seq_len=L)
         return {name: array.reshape(K, B, *array.shape[1:]) for name, array in flat.items()}
 
-    progress = _progress_bar(t, start_step)
-    last_metrics: dict[str, Any] = {}
-    stop_reason = None
-    interval_start, interval_steps = None, 0
-    pending = None  # (step number after the update, device metrics) of the step in flight
-    step_number = start_step
+    result = loop.run_loop(
+        state, train_cfg=t, train_step=train_step, host_batch=host_batch,
+        shard=lambda batch: sharding.shard_batch(batch, mesh, batch_axis=1),
+        evaluate_params=lambda params: loop.evaluate(eval_step, params, eval_batches),
+        save=save, writer=writer, last_good_step=checkpointer.latest_step,
+        elapsed_before=float(meta.get("elapsed_s", 0.0)), tokens_seen=start_step * tokens_per_step,
+        # MFU: model FLOPs per token over peak FLOP/s (a GPU table, or this CPU's matmul measured once).
+        flops_per_token=models.flops_per_token(m, config.moe), peak_flops=hardware.peak_flops(m.dtype, mesh.size)[0])
+    state, step_number, stop_reason = result.state, result.step, result.stop_reason
 
-    def settle(item) -> None:
-        """Read one finished step's metrics: NaN guard, logging."""
-        nonlocal interval_start, interval_steps, last_metrics
-        done_step, metrics = item
-        metrics = jax.device_get(metrics)
-        if not math.isfinite(float(metrics["loss"])):
-            good = checkpointer.latest_step()
-            raise TrainingError(f"the loss became {float(metrics['loss'])} at step {done_step}; stopped without "
-                                f"checkpointing this state (last good checkpoint: "
-                                f"{'step ' + str(good) if good is not None else 'none'}); lower optim.lr or "
-                                f"set optim.grad_clip")
-        interval_steps += 1
-        if interval_start is None:  # the first step includes compilation: time from its end
-            interval_start, interval_steps = time.monotonic(), 0
-        if done_step % t.log_every == 0 or done_step == t.steps:
-            now = time.monotonic()
-            rate = interval_steps * tokens_per_step / (now - interval_start) if interval_steps else float("nan")
-            interval_start, interval_steps = now, 0
-            # Every scalar the step returns is logged (MoE adds its aux losses and loads, for instance).
-            last_metrics = writer.write(done_step, "train", {
-                **metrics, "tokens_per_s": rate, "mfu": hardware.mfu(rate, flops_per_token, peak_flops),
-                "tokens_seen": done_step * tokens_per_step})
-            progress.set_postfix(loss=f"{float(metrics['loss']):.4f}", lr=f"{float(metrics['lr']):.2e}",
-                                 tok_s=f"{rate:.0f}", refresh=False)
-        progress.update(1)
-
-    val_metrics: dict[str, Any] = {}
-    try:
-        with _StopRequest() as stop:
-            while step_number < t.steps:
-                batch = sharding.shard_batch(host_batch(step_number), mesh, batch_axis=1)
-                state, metrics = train_step(state, batch)
-                step_number += 1
-                if pending is not None:
-                    settle(pending)
-                pending = (step_number, metrics)
-                due_eval = step_number % t.eval_every == 0 or step_number == t.steps
-                due_save = step_number % t.checkpoint_every == 0 or step_number == t.steps
-                elapsed = elapsed_before + time.monotonic() - run_start
-                if stop.signal_name:
-                    stop_reason = f"received {stop.signal_name}"
-                elif t.max_duration_s and elapsed >= t.max_duration_s:
-                    stop_reason = f"wall-clock budget of {t.max_duration_s:.0f} s reached"
-                if due_eval or due_save or stop_reason:
-                    settle(pending)
-                    pending = None
-                if due_eval:
-                    val_metrics = writer.write(step_number, "val", _evaluate(eval_step, state.params, eval_batches))
-                if due_save or stop_reason:
-                    save(step_number)
-                if stop_reason:
-                    break
-            if pending is not None:
-                settle(pending)
-    finally:
-        progress.close()
-
-    if stop_reason and stop_reason.startswith("received"):
+    if result.interrupted:
         writer.close()
         checkpointer.close()
         print(f"{stop_reason}: saved checkpoint at step {step_number} in {checkpointer.directory}; "
               f"run the same command again to resume", file=sys.stderr)
         return {"step": step_number, "stopped": stop_reason}
 
-    summary = {"step": step_number, "train": last_metrics, "val": val_metrics}
+    summary = {"step": step_number, "train": result.train, "val": result.val}
     if stop_reason:
         summary["stopped"] = stop_reason
         print(f"{stop_reason}: stopped at step {step_number}", file=sys.stderr)
     if t.full_eval_at_end and (step_number != start_step or not _has_full_eval(writer.path, step_number)):
         full = batches_lib.all_eval_batches(val_tokens, batch_size=B, seq_len=L)
-        result = _evaluate(eval_step, state.params, (sharding.shard_batch(b, mesh) for b in full))
-        summary["val_full"] = writer.write(step_number, "val", {**result, "full": True}, tag="val_full")
+        full_metrics = loop.evaluate(eval_step, state.params, full)
+        summary["val_full"] = writer.write(step_number, "val", {**full_metrics, "full": True}, tag="val_full")
     writer.close()
     checkpointer.close()
     return summary
@@ -307,13 +206,6 @@ def _has_full_eval(metrics_path: pathlib.Path, step_number: int) -> bool:
     with open(metrics_path) as file:
         rows = [json.loads(line) for line in file if line.strip()]
     return any(r.get("full") and r["step"] == step_number for r in rows)
-
-
-def _progress_bar(train_cfg, start_step: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=train_cfg.steps, initial=start_step, disable=not train_cfg.progress, unit="step",
-                dynamic_ncols=True, file=sys.stderr)
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:

@@ -43,7 +43,12 @@ def build_model(model_cfg, moe_cfg=None) -> nn.Module:
 
 
 def lm_head_matrix(params, model_cfg) -> jax.Array:
-    """The LM head weight [D, V] in param dtype: the token embedding transposed when tied, else lm_head."""
+    """The LM head weight [D, V] in param dtype: the token embedding transposed when tied, else lm_head.
+
+    LoRA params ({"base", "lora"}: adapters never touch the head) give the frozen base's head.
+    """
+    if set(params) == {"base", "lora"}:
+        params = jax.lax.stop_gradient(params["base"])
     if model_cfg.tie_embeddings:
         return params["embed"]["embedding"].T
     return params["lm_head"]["kernel"]

@@ -64,8 +64,10 @@ class LoraModel:
         base = self.base.init(key, tokens_BxL)["params"]
         return {"params": {"base": base, "lora": self.init_adapters(jax.random.fold_in(key, 1), base)}}
 
-    def apply(self, variables, tokens_BxL: jax.Array, deterministic: bool = True, rngs=None) -> jax.Array:
-        """Logits float32 [B, L, V] of the adapted model; base params get no gradient."""
+    def apply(self, variables, tokens_BxL: jax.Array, deterministic: bool = True, rngs=None, **kwargs) -> jax.Array:
+        """Logits float32 [B, L, V] of the adapted model; base params get no gradient.
+
+        Other keyword arguments (`return_hidden`, `mutable`) go to the wrapped module's apply."""
         params = variables["params"]
         base, adapters = jax.lax.stop_gradient(params["base"]), params["lora"]
         dropout_key = None if deterministic or not self.dropout or rngs is None else rngs["dropout"]
@@ -84,7 +86,7 @@ class LoraModel:
             return out + ((x @ a) @ b * self.scale).astype(out.dtype)
 
         with nn.intercept_methods(interceptor):
-            return self.base.apply({"params": base}, tokens_BxL, deterministic=deterministic, rngs=rngs)
+            return self.base.apply({"params": base}, tokens_BxL, deterministic=deterministic, rngs=rngs, **kwargs)
 
 
 def is_lora(params) -> bool:
