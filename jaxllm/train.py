@@ -28,7 +28,7 @@ from jaxllm.data import batches as batches_lib
 from jaxllm.data.prepare import prepare
 from jaxllm.data.sources import DataError
 from jaxllm.loop import TrainingError
-from jaxllm.metrics import MetricsWriter
+from jaxllm.metrics import MetricsWriter, read_metrics
 from jaxllm.tokenizer import TokenizerError, get_tokenizer
 
 
@@ -201,10 +201,7 @@ def run_stages(config, workdir: str | pathlib.Path) -> dict[str, Any]:
 
 
 def _has_full_eval(metrics_path: pathlib.Path, step_number: int) -> bool:
-    if not metrics_path.exists():
-        return False
-    with open(metrics_path) as file:
-        rows = [json.loads(line) for line in file if line.strip()]
+    rows = read_metrics(metrics_path) if metrics_path.exists() else []
     return any(r.get("full") and r["step"] == step_number for r in rows)
 
 
