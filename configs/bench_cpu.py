@@ -16,7 +16,7 @@ def get_config():
     c.model.vocab_size = 50304
     c.model.sequence_length = 256
     c.model.dtype = "bfloat16"  # params stay float32; norms, softmax and loss float32
-    c.loss.head_chunk = 512  # tokens per chunk of the fused LM head + cross-entropy
+    c.loss.head_chunk = 256  # tokens per chunk of the fused LM head + cross-entropy
 
     c.data.source = "synthetic"
     c.data.tokenizer = "gpt2"

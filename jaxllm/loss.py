@@ -87,25 +87,35 @@ def summarize(sums: LossSums) -> dict[str, float]:
     return {"loss": loss, "perplexity": perplexity, "accuracy": correct / weight}
 
 
-def _chunk_terms(hidden_CxD, head_DxV, targets_C, weights_C, label_smoothing, z_loss, with_grads):
-    """One chunk's LossSums and, if `with_grads`, the gradients of its `loss` sum: (dhidden [C, D] in
-    hidden's dtype, dhead [D, V] float32). Per token, d objective / d logits =
-    (1 + 2 z lse) softmax - (1 - eps) onehot(target) - eps / V, times the token's weight."""
-    head_DxV = head_DxV.astype(hidden_CxD.dtype)
-    logits_CxV = jnp.dot(hidden_CxD, head_DxV, preferred_element_type=jnp.float32)
-    v = logits_CxV.shape[-1]
-    max_C = jnp.max(logits_CxV, axis=-1)
-    exp_CxV = jnp.exp(logits_CxV - max_C[:, None])
-    sum_C = jnp.sum(exp_CxV, axis=-1)
+def _chunk_terms(hidden_DxC, hidden_CxD, head_VxD, head_DxV, targets_C, weights_C, label_smoothing, z_loss,
+                 with_grads):
+    """One chunk of C tokens, vocabulary-major: LossSums and, if `with_grads`, the gradients of its `loss` sum,
+    (dhidden [D, C] float32, dhead [V, D] float32).
+
+    Logits are held as [V, C] so that every reduction over the vocabulary runs down axis 0, across tokens,
+    which XLA:CPU vectorises (a row reduction over the last axis ran ~8x slower), and every head matmul is a
+    plain [m, k] @ [k, n] product of row-major operands, which is the layout XLA:CPU's bf16 dot kernels take
+    directly (a transposed operand sent them to a float32 fallback ~2-4x slower): hence the chunk arrives in
+    both layouts and the head in both orientations. Per token, d objective / d logits =
+    (1 + 2 z lse) softmax - (1 - eps) onehot(target) - eps / V, times the token's weight.
+    """
+    compute_dtype = hidden_CxD.dtype
+    logits_VxC = jnp.dot(head_VxD, hidden_DxC, preferred_element_type=jnp.float32)
+    v, c = logits_VxC.shape
+    max_C = jnp.max(logits_VxC, axis=0)
+    exp_VxC = jnp.exp(logits_VxC - max_C[None, :])
+    sum_C = jnp.sum(exp_VxC, axis=0)
     lse_C = max_C + jnp.log(sum_C)
-    onehot_CxV = jnp.arange(v)[None, :] == targets_C[:, None]
-    nll_C = lse_C - jnp.sum(jnp.where(onehot_CxV, logits_CxV, 0.0), axis=-1)
+    target_logit_C = logits_VxC[targets_C, jnp.arange(c)]
+    nll_C = lse_C - target_logit_C
     objective_C = nll_C
     if label_smoothing:
-        objective_C = (1.0 - label_smoothing) * nll_C + label_smoothing * (lse_C - jnp.mean(logits_CxV, axis=-1))
+        objective_C = (1.0 - label_smoothing) * nll_C + label_smoothing * (lse_C - jnp.mean(logits_VxC, axis=0))
     if z_loss:
         objective_C = objective_C + z_loss * jnp.square(lse_C)
-    correct_C = (jnp.argmax(logits_CxV, axis=-1) == targets_C).astype(jnp.float32)
+    # "The target has the top logit": argmax == target except on exact ties, which an argmax pass over
+    # [V, C] (a variadic reduce, the slowest op in the chunk) would break towards the lower index.
+    correct_C = (target_logit_C >= max_C).astype(jnp.float32)
     live_C = weights_C != 0
 
     def weighted_sum(x_C):
@@ -116,12 +126,13 @@ def _chunk_terms(hidden_CxD, head_DxV, targets_C, weights_C, label_smoothing, z_
         return sums
     scale_C = jnp.where(live_C, weights_C, 0.0)
     probs_scale_C = scale_C * (1.0 + 2.0 * z_loss * lse_C) / sum_C
-    target_scale_Cx1 = ((1.0 - label_smoothing) * scale_C)[:, None]
-    dlogits_CxV = (probs_scale_C[:, None] * exp_CxV - jnp.where(onehot_CxV, target_scale_Cx1, 0.0)
-                   - (label_smoothing / v) * scale_C[:, None]).astype(hidden_CxD.dtype)
-    dhidden_CxD = jnp.dot(dlogits_CxV, head_DxV.T, preferred_element_type=jnp.float32).astype(hidden_CxD.dtype)
-    dhead_DxV = jnp.dot(hidden_CxD.T, dlogits_CxV, preferred_element_type=jnp.float32)
-    return sums, dhidden_CxD, dhead_DxV
+    onehot_VxC = jnp.arange(v)[:, None] == targets_C[None, :]
+    dlogits_VxC = (probs_scale_C[None, :] * exp_VxC
+                   - jnp.where(onehot_VxC, ((1.0 - label_smoothing) * scale_C)[None, :], 0.0)
+                   - (label_smoothing / v) * scale_C[None, :]).astype(compute_dtype)
+    dhidden_DxC = jnp.dot(head_DxV, dlogits_VxC, preferred_element_type=jnp.float32)
+    dhead_VxD = jnp.dot(dlogits_VxC, hidden_CxD, preferred_element_type=jnp.float32)
+    return sums, dhidden_DxC, dhead_VxD
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -130,23 +141,38 @@ def _fused_loss(hidden_NxD, head_DxV, targets_N, weights_N, chunk, label_smoothi
 
 
 def _scan_chunks(hidden_NxD, head_DxV, targets_N, weights_N, chunk, label_smoothing, z_loss, with_grads):
-    """Sum `_chunk_terms` over the N / chunk chunks; with grads: (sums, (dhidden [N, D], dhead [D, V]))."""
+    """Sum `_chunk_terms` over the N / chunk chunks; with grads: (sums, (dhidden [N, D], dhead [D, V])).
+
+    The head is cast to the compute dtype and laid out both ways once, outside the loop; the float32
+    d head is accumulated [V, D] and transposed once at the end.
+    """
     n, d = hidden_NxD.shape
-    xs = (hidden_NxD.reshape(n // chunk, chunk, d), targets_N.reshape(-1, chunk), weights_N.reshape(-1, chunk))
+    compute_dtype = hidden_NxD.dtype
+    hidden_KxCxD = hidden_NxD.reshape(n // chunk, chunk, d)
+    # The barrier keeps each transpose a real copy: XLA would otherwise fold it into the dot as a transposed
+    # operand, which XLA:CPU's fast dot kernels refuse and whose fallback cannot run bf16 x bf16 -> f32.
+    head_VxD, head_DxV, hidden_KxDxC = jax.lax.optimization_barrier(
+        (head_DxV.T.astype(compute_dtype), head_DxV.astype(compute_dtype), hidden_KxCxD.transpose(0, 2, 1)))
+    xs = (hidden_KxDxC, hidden_KxCxD, targets_N.reshape(-1, chunk), weights_N.reshape(-1, chunk))
     zeros = LossSums(*(jnp.zeros((), jnp.float32) for _ in LossSums._fields))
 
     def body(carry, x):
-        total, dhead_DxV = carry
-        hidden_CxD, targets_C, weights_C = x
-        out = _chunk_terms(hidden_CxD, head_DxV, targets_C, weights_C, label_smoothing, z_loss, with_grads)
+        total, dhead_VxD = carry
+        hidden_DxC, hidden_CxD, targets_C, weights_C = x
+        out = _chunk_terms(hidden_DxC, hidden_CxD, head_VxD, head_DxV, targets_C, weights_C, label_smoothing,
+                           z_loss, with_grads)
         if not with_grads:
-            return (jax.tree.map(jnp.add, total, out), dhead_DxV), None
-        sums, dhidden_CxD, dhead_chunk_DxV = out
-        return (jax.tree.map(jnp.add, total, sums), dhead_DxV + dhead_chunk_DxV), dhidden_CxD
+            return (jax.tree.map(jnp.add, total, out), dhead_VxD), None
+        sums, dhidden_DxC, dhead_chunk_VxD = out
+        return (jax.tree.map(jnp.add, total, sums), dhead_VxD + dhead_chunk_VxD), dhidden_DxC
 
-    dhead_init = jnp.zeros(head_DxV.shape if with_grads else (), jnp.float32)
-    (total, dhead_DxV), dhidden = jax.lax.scan(body, (zeros, dhead_init), xs)
-    return (total, (dhidden.reshape(n, d), dhead_DxV)) if with_grads else total
+    dhead_init = jnp.zeros(head_VxD.shape if with_grads else (), jnp.float32)
+    (total, dhead_VxD), dhidden_KxDxC = jax.lax.scan(body, (zeros, dhead_init), xs)
+    if not with_grads:
+        return total
+    dhidden_KxDxC, dhead_VxD = jax.lax.optimization_barrier((dhidden_KxDxC, dhead_VxD))  # see above
+    dhidden_NxD = dhidden_KxDxC.transpose(0, 2, 1).reshape(n, d).astype(compute_dtype)
+    return total, (dhidden_NxD, dhead_VxD.T)
 
 
 def _fused_fwd(hidden_NxD, head_DxV, targets_N, weights_N, chunk, label_smoothing, z_loss):
@@ -169,13 +195,14 @@ def chunked_cross_entropy(hidden_BxLxD: jax.Array, head_DxV: jax.Array, targets_
     """`cross_entropy(hidden @ head, ...)` without ever holding the float32 logits [B, L, V].
 
     The B*L tokens are cut into chunks of `chunk` tokens (the last one padded with weight 0). In one
-    `lax.scan` over the chunks, a custom VJP computes for each chunk the logits [chunk, V] (hidden's dtype, float32
-    accumulation), the sums, d(loss)/d(logits) in closed form and from it d hidden and d head (float32
-    accumulation over chunks), so the backward pass only scales them by the incoming cotangent. Three head
-    matmuls in all, as the plain path. Gradients flow through `loss` only (to hidden and head; targets and
-    weights are data); `nll`, `correct` and `weight` are returned under stop_gradient. Same sums and
-    gradients as the plain path up to float32 summation order. (A first version, a scan of rematerialised
-    chunks, recomputed the head matmul in the backward pass and was slower: docs/benchmarks.md.)
+    `lax.scan` over the chunks, a custom VJP computes for each chunk the logits [V, chunk] (hidden's dtype,
+    float32 accumulation), the sums, d(loss)/d(logits) in closed form and from it d hidden and d head
+    (float32 accumulation over chunks), so the backward pass only scales them by the incoming cotangent.
+    Three head matmuls in all, as the plain path. Gradients flow through `loss` only (to hidden and head;
+    targets and weights are data); `nll`, `correct` and `weight` are returned under stop_gradient. Same sums
+    and gradients as the plain path up to float32 summation order, except that `correct` counts a token
+    whose target ties for the top logit (argmax takes the lowest index). Layout and speed:
+    `_chunk_terms`, docs/benchmarks.md.
     """
     b, l, d = hidden_BxLxD.shape
     n = b * l

@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxllm.models import primitives
+
 Dtype = Any
 
 
@@ -46,10 +48,26 @@ def mlp_hidden(model_cfg) -> int:
     return m * ((h + m - 1) // m)
 
 
-def dense(features: int, std: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
-    """A bias-free linear layer whose weight is a leaf named "kernel" (the weight-decay mask keys on it)."""
-    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=normal(std),
-                    name=name)
+class Dense(nn.Module):
+    """Bias-free linear layer [..., I] -> [..., O] through `primitives.linear`; its weight is a leaf named "kernel"
+    [I, O] (the weight-decay mask keys on it), initialised like flax's nn.Dense, so the parameter trees
+    and their initial values are the same."""
+
+    features: int
+    std: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel_IxO = self.param("kernel", normal(self.std), (x.shape[-1], self.features), self.param_dtype)
+        x_NxI = x.astype(self.dtype).reshape(-1, x.shape[-1])
+        return primitives.linear(x_NxI, kernel_IxO).reshape(*x.shape[:-1], self.features)
+
+
+def dense(features: int, std: float, dtype: Dtype, param_dtype: Dtype, name: str) -> Dense:
+    """A bias-free `Dense` with weights N(0, std^2)."""
+    return Dense(features, std=std, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class RMSNorm(nn.Module):
@@ -117,8 +135,8 @@ class CausalSelfAttention(nn.Module):
     """Causal multi-head (or grouped-query) self-attention, optionally with RoPE on queries and keys.
 
     Projections q [D, H*K], k and v [D, G*K], o [H*K, D], all bias-free. Each of the G key/value heads
-    serves R = H/G consecutive query heads. Scores use scale 1/sqrt(K) and a float32 softmax. Heads stay
-    on the axis after positions ([B, L, G, R, K]) so no transposes are needed around the projections.
+    serves R = H/G consecutive query heads. Scores use scale 1/sqrt(K) and a float32 softmax
+    (`primitives.causal_attention`); attention dropout, when on, drops probabilities after the softmax.
     """
 
     n_head: int
@@ -144,16 +162,11 @@ class CausalSelfAttention(nn.Module):
             cos_LxHalf, sin_LxHalf = rope_angles(jnp.arange(l), k, self.rope_theta)
             q_BxLxHxK = apply_rope(q_BxLxHxK, cos_LxHalf, sin_LxHalf)
             k_BxLxGxK = apply_rope(k_BxLxGxK, cos_LxHalf, sin_LxHalf)
-        # Query head h = g * R + r uses key/value head g (the PyTorch repeat_interleave convention).
-        q_BxLxGxRxK = q_BxLxHxK.reshape(b, l, g, r, k)
-        scores_BxGxRxLxM = jnp.einsum("blgrk,bmgk->bgrlm", q_BxLxGxRxK, k_BxLxGxK,
-                                      preferred_element_type=jnp.float32) / math.sqrt(k)
-        causal_LxM = jnp.tril(jnp.ones((l, l), dtype=jnp.bool_))
-        scores_BxGxRxLxM = jnp.where(causal_LxM, scores_BxGxRxLxM, jnp.finfo(jnp.float32).min)
-        probs_BxGxRxLxM = jax.nn.softmax(scores_BxGxRxLxM, axis=-1)
-        probs_BxGxRxLxM = nn.Dropout(self.dropout)(probs_BxGxRxLxM, deterministic=deterministic)
-        out_BxLxGxRxK = jnp.einsum("bgrlm,bmgk->blgrk", probs_BxGxRxLxM.astype(self.dtype), v_BxLxGxK)
-        return proj(d, self.out_std, name="o")(out_BxLxGxRxK.reshape(b, l, h * k))
+        keep_BxHxLxL = None
+        if self.dropout > 0 and not deterministic:
+            keep_BxHxLxL = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout, (b, h, l, l))
+        out_BxLxHxK = primitives.causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, keep_BxHxLxL, self.dropout)
+        return proj(d, self.out_std, name="o")(out_BxLxHxK.reshape(b, l, h * k))
 
 
 class GeluMLP(nn.Module):
