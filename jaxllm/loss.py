@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.models import primitives
+
 
 class LossSums(NamedTuple):
     """Weighted token sums (float32 scalars); a pytree, so it adds with `jax.tree.map(jnp.add, a, b)`.
@@ -143,36 +145,39 @@ def _fused_loss(hidden_NxD, head_DxV, targets_N, weights_N, chunk, label_smoothi
 def _scan_chunks(hidden_NxD, head_DxV, targets_N, weights_N, chunk, label_smoothing, z_loss, with_grads):
     """Sum `_chunk_terms` over the N / chunk chunks; with grads: (sums, (dhidden [N, D], dhead [D, V])).
 
-    The head is cast to the compute dtype and laid out both ways once, outside the loop; the float32
-    d head is accumulated [V, D] and transposed once at the end.
+    The head is cast to the compute dtype and laid out both ways once, outside the loop, as row-major
+    copies (`primitives.row_major`: the bf16 dots stay on XLA:CPU's fast kernels). The first chunk runs
+    before the loop and its results start the sums, so the float32 d head [V, D] is never zero-filled.
     """
     n, d = hidden_NxD.shape
     compute_dtype = hidden_NxD.dtype
     hidden_KxCxD = hidden_NxD.reshape(n // chunk, chunk, d)
-    # The barrier keeps each transpose a real copy: XLA would otherwise fold it into the dot as a transposed
-    # operand, which XLA:CPU's fast dot kernels refuse and whose fallback cannot run bf16 x bf16 -> f32.
-    head_VxD, head_DxV, hidden_KxDxC = jax.lax.optimization_barrier(
-        (head_DxV.T.astype(compute_dtype), head_DxV.astype(compute_dtype), hidden_KxCxD.transpose(0, 2, 1)))
-    xs = (hidden_KxDxC, hidden_KxCxD, targets_N.reshape(-1, chunk), weights_N.reshape(-1, chunk))
-    zeros = LossSums(*(jnp.zeros((), jnp.float32) for _ in LossSums._fields))
+    head_VxD = primitives.row_major(head_DxV.T.astype(compute_dtype))
+    head_DxV = primitives.row_major(head_DxV.astype(compute_dtype))
+    xs = (primitives.transposed(hidden_KxCxD), hidden_KxCxD, targets_N.reshape(-1, chunk),
+          weights_N.reshape(-1, chunk))
+
+    def terms(x):
+        hidden_DxC, hidden_CxD, targets_C, weights_C = x
+        return _chunk_terms(hidden_DxC, hidden_CxD, head_VxD, head_DxV, targets_C, weights_C, label_smoothing,
+                            z_loss, with_grads)
+
+    first = terms(jax.tree.map(lambda a: a[0], xs))
+    rest = jax.tree.map(lambda a: a[1:], xs)
+    if not with_grads:
+        total, _ = jax.lax.scan(lambda total, x: (jax.tree.map(jnp.add, total, terms(x)), None), first, rest)
+        return total
 
     def body(carry, x):
         total, dhead_VxD = carry
-        hidden_DxC, hidden_CxD, targets_C, weights_C = x
-        out = _chunk_terms(hidden_DxC, hidden_CxD, head_VxD, head_DxV, targets_C, weights_C, label_smoothing,
-                           z_loss, with_grads)
-        if not with_grads:
-            return (jax.tree.map(jnp.add, total, out), dhead_VxD), None
-        sums, dhidden_DxC, dhead_chunk_VxD = out
+        sums, dhidden_DxC, dhead_chunk_VxD = terms(x)
         return (jax.tree.map(jnp.add, total, sums), dhead_VxD + dhead_chunk_VxD), dhidden_DxC
 
-    dhead_init = jnp.zeros(head_VxD.shape if with_grads else (), jnp.float32)
-    (total, dhead_VxD), dhidden_KxDxC = jax.lax.scan(body, (zeros, dhead_init), xs)
-    if not with_grads:
-        return total
-    dhidden_KxDxC, dhead_VxD = jax.lax.optimization_barrier((dhidden_KxDxC, dhead_VxD))  # see above
-    dhidden_NxD = dhidden_KxDxC.transpose(0, 2, 1).reshape(n, d).astype(compute_dtype)
-    return total, (dhidden_NxD, dhead_VxD.T)
+    sums, dhidden_DxC, dhead_VxD = first
+    (total, dhead_VxD), dhidden_rest = jax.lax.scan(body, (sums, dhead_VxD), rest)
+    dhidden_KxDxC = jnp.concatenate([dhidden_DxC[None], dhidden_rest])
+    dhidden_NxD = primitives.transposed(dhidden_KxDxC).reshape(n, d).astype(compute_dtype)
+    return total, (dhidden_NxD, primitives.transposed(dhead_VxD))
 
 
 def _fused_fwd(hidden_NxD, head_DxV, targets_N, weights_N, chunk, label_smoothing, z_loss):

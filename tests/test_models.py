@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -262,6 +263,24 @@ def test_tied_and_untied_heads(name):
     _, params, _ = init(untied)
     assert params["lm_head"]["kernel"].shape == (32, 64)
     assert models.flops_per_token(tied) == models.flops_per_token(untied)
+
+
+def test_embed_and_dense_are_flax_layers_with_cheaper_casts():
+    """layers.Embed and layers.Dense keep flax's nn.Embed / nn.Dense parameters and initial values (same key,
+    same tree), and compute the same outputs: rows gathered then cast, x @ kernel with float32 accumulation."""
+    ids_BxL = jnp.array([[3, 1, 4], [1, 5, 9]])
+    ours = layers.Embed(12, 8, std=0.02, dtype=jnp.bfloat16)
+    theirs = nn.Embed(12, 8, dtype=jnp.bfloat16, embedding_init=layers.normal(0.02))
+    p_ours, p_theirs = ours.init(jax.random.key(0), ids_BxL), theirs.init(jax.random.key(0), ids_BxL)
+    np.testing.assert_array_equal(p_ours["params"]["embedding"], p_theirs["params"]["embedding"])
+    np.testing.assert_array_equal(ours.apply(p_ours, ids_BxL), theirs.apply(p_theirs, ids_BxL))
+
+    x_BxLxI = jax.random.normal(jax.random.key(1), (2, 3, 8))
+    ours = layers.Dense(16, std=0.02)
+    theirs = nn.Dense(16, use_bias=False, kernel_init=layers.normal(0.02))
+    p_ours, p_theirs = ours.init(jax.random.key(2), x_BxLxI), theirs.init(jax.random.key(2), x_BxLxI)
+    np.testing.assert_array_equal(p_ours["params"]["kernel"], p_theirs["params"]["kernel"])
+    np.testing.assert_allclose(ours.apply(p_ours, x_BxLxI), theirs.apply(p_theirs, x_BxLxI), rtol=1e-6)
 
 
 def test_dropout_only_when_not_deterministic():

@@ -1,5 +1,6 @@
 """The hand-written VJPs of models/primitives.py equal what autodiff of the plain jnp code gives, in float32
-and bf16, with grouped-query heads and attention dropout; and on CPU they keep their dots bf16."""
+and bf16, with grouped-query heads and attention dropout; and on CPU they, and the fused LM head that uses
+the same row-major copies, keep their dots bf16."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxllm import loss as loss_lib
 from jaxllm.models import primitives
 
 
@@ -96,7 +98,17 @@ def test_attention_is_causal():
     assert not np.allclose(out[:, 5:], changed[:, 5:])
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the layout workaround is for XLA:CPU")
+def compiled_dots(fn, *args):
+    """[(lhs dtype, rhs dtype)] of every dot in the compiled HLO of jit(fn)(*args)."""
+    hlo = jax.jit(fn).lower(*args).compile().as_text()
+    dtypes = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
+    return [(dtypes[lhs], dtypes[rhs]) for lhs, rhs in re.findall(r"= f32\[[\d,]+\]\{[\d,]+\} dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)]
+
+
+cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the layout workaround is for XLA:CPU")
+
+
+@cpu_only
 def test_backward_dots_stay_bf16_on_cpu():
     """The reason the VJPs exist: every dot of a bf16 linear + attention backward pass runs with bf16
     operands (XLA:CPU upcasts a dot whose operands it cannot feed to its fast kernels to float32)."""
@@ -108,9 +120,23 @@ def test_backward_dots_stay_bf16_on_cpu():
 
     args = [jax.random.normal(jax.random.key(0), (n, d)).astype(jnp.bfloat16)]
     args += [jax.random.normal(jax.random.key(i), (d, d)) for i in (1, 2, 3)]
-    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(*args).compile().as_text()
-    dots = re.findall(r"= f32\[[\d,]+\]\{[\d,]+\} dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)
+    dots = compiled_dots(jax.grad(loss, argnums=(0, 1, 2, 3)), *args)
     assert len(dots) == 3 + 3 * 2 + 2 + 4  # q/k/v linear forward and backward, attention forward and backward
-    shapes = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
-    for lhs, rhs in dots:
-        assert (shapes[lhs], shapes[rhs]) == ("bf16", "bf16"), (lhs, rhs)
+    assert set(dots) == {("bf16", "bf16")}
+
+
+@cpu_only
+@pytest.mark.parametrize("chunk", [64, 16])  # one chunk (no loop), four
+def test_fused_head_dots_stay_bf16_on_cpu(chunk):
+    """The fused LM head + cross-entropy (loss.py) uses the same row-major copies: its three head matmuls
+    per chunk keep bf16 operands, with the head tied (an embedding's transpose) as in the real models."""
+    hidden_BxLxD = jax.random.normal(jax.random.key(0), (2, 32, 64)).astype(jnp.bfloat16)
+    embedding_VxD = jax.random.normal(jax.random.key(1), (320, 64))
+    targets_BxL, weights_BxL = jnp.zeros((2, 32), jnp.int32), jnp.ones((2, 32))
+
+    def loss(h, e):
+        return loss_lib.chunked_cross_entropy(h, e.T, targets_BxL, weights_BxL, chunk=chunk).loss
+
+    dots = compiled_dots(jax.grad(loss, argnums=(0, 1)), hidden_BxLxD, embedding_VxD)
+    assert len(dots) == 3 * (2 if chunk == 16 else 1)  # the first chunk runs before the loop
+    assert set(dots) == {("bf16", "bf16")}

@@ -68,10 +68,10 @@ class GPT2(nn.Module):
     def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True,
                  return_hidden: bool = False) -> jax.Array:
         l = tokens_BxL.shape[1]
-        embed = nn.Embed(self.vocab_size, self.n_embd, dtype=self.dtype, param_dtype=self.param_dtype,
-                         embedding_init=layers.normal(self.init_std), name="embed")
-        pos_embed = nn.Embed(self.sequence_length, self.n_embd, dtype=self.dtype, param_dtype=self.param_dtype,
-                             embedding_init=layers.normal(self.init_std), name="pos_embed")
+        embed = layers.Embed(self.vocab_size, self.n_embd, std=self.init_std, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name="embed")
+        pos_embed = layers.Embed(self.sequence_length, self.n_embd, std=self.init_std, dtype=self.dtype,
+                                 param_dtype=self.param_dtype, name="pos_embed")
         x_BxLxD = embed(tokens_BxL) + pos_embed(jnp.arange(l))[None]
         x_BxLxD = nn.Dropout(self.dropout)(x_BxLxD, deterministic=deterministic)
         block_cls = layers.remat_block(Block, self.remat)

@@ -65,6 +65,25 @@ class Dense(nn.Module):
         return primitives.linear(x_NxI, kernel_IxO).reshape(*x.shape[:-1], self.features)
 
 
+class Embed(nn.Module):
+    """Embedding table "embedding" [V, D] in param dtype, initialised N(0, std^2) like flax's nn.Embed (same
+    parameter and values); ids [...] -> rows [..., D] gathered first and cast to `dtype` after, so a bf16
+    model never converts the whole table (nn.Embed casts it all, every step)."""
+
+    num_embeddings: int
+    features: int
+    std: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param("embedding", normal(self.std), (self.num_embeddings, self.features),
+                                    self.param_dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+
 def dense(features: int, std: float, dtype: Dtype, param_dtype: Dtype, name: str) -> Dense:
     """A bias-free `Dense` with weights N(0, std^2)."""
     return Dense(features, std=std, dtype=dtype, param_dtype=param_dtype, name=name)

@@ -81,8 +81,8 @@ class Llama(nn.Module):
     @nn.compact
     def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True,
                  return_hidden: bool = False) -> jax.Array:
-        embed = nn.Embed(self.vocab_size, self.n_embd, dtype=self.dtype, param_dtype=self.param_dtype,
-                         embedding_init=layers.normal(self.init_std), name="embed")
+        embed = layers.Embed(self.vocab_size, self.n_embd, std=self.init_std, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name="embed")
         x_BxLxD = nn.Dropout(self.dropout)(embed(tokens_BxL), deterministic=deterministic)
         block_cls = layers.remat_block(Block, self.remat)
         for i in range(self.n_layer):

@@ -34,8 +34,11 @@ def row_major(a: jax.Array) -> jax.Array:
 
 
 def transposed(a: jax.Array) -> jax.Array:
-    """`a` with its last two axes swapped, as a real row-major copy on CPU (`row_major`)."""
-    return row_major(jnp.swapaxes(a, -1, -2))
+    """`a` with its last two axes swapped, as a real row-major copy on CPU (`row_major`). The barrier on
+    the input keeps XLA from folding the swap into the dot that produced `a` either."""
+    if jax.default_backend() != "cpu":
+        return jnp.swapaxes(a, -1, -2)
+    return row_major(jnp.swapaxes(jax.lax.optimization_barrier(a), -1, -2))
 
 
 def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
