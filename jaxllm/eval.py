@@ -26,7 +26,7 @@ import numpy as np
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
 from jaxllm import generate as generate_lib
-from jaxllm import models, sharding
+from jaxllm import hugepages, models, sharding
 from jaxllm.generate import load_params, stage_dir
 from jaxllm.data import mathqa
 from jaxllm.data.sources import DataError
@@ -225,4 +225,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    hugepages.reexec_with_huge_pages()  # before anything runs: see jaxllm/hugepages.py
     sys.exit(main())

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
+from jaxllm import hugepages
 from jaxllm.models import layers
 from jaxllm.models import lora as lora_lib
 from jaxllm.tokenizer import TokenizerError, get_tokenizer
@@ -191,4 +192,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    hugepages.reexec_with_huge_pages()  # before anything runs: see jaxllm/hugepages.py
     sys.exit(main())

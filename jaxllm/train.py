@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
-from jaxllm import hardware
+from jaxllm import hardware, hugepages
 from jaxllm import finetune as finetune_lib
 from jaxllm import loop
 from jaxllm import models, optim, sharding, step as step_lib
@@ -236,4 +236,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    hugepages.reexec_with_huge_pages()  # before anything runs: see jaxllm/hugepages.py
     sys.exit(main())

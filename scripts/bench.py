@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -37,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a checkout
 
 from jaxllm import config as config_lib  # noqa: E402
-from jaxllm import hardware, models, optim, sharding, step as step_lib  # noqa: E402
+from jaxllm import hardware, hugepages, models, optim, sharding, step as step_lib  # noqa: E402
 from jaxllm.data import batches as batches_lib  # noqa: E402
 
 
@@ -125,7 +126,8 @@ def bench(config, steps: int = 10, warmup: int = 2) -> dict:
     _, source = hardware.peak_flops(config.model.dtype, n_devices)
     print(f"input pipeline: median {1e3 * statistics.median(input_s):.2f} ms per batch "
           f"({100 * statistics.median(input_s) / statistics.median(step_s):.2f}% of the step); peak FLOP/s from "
-          f"{source}; final loss {float(metrics['loss']):.4f}", file=sys.stderr)
+          f"{source}; final loss {float(metrics['loss']):.4f}; GLIBC_TUNABLES="
+          f"{os.environ.get('GLIBC_TUNABLES', '')!r} (jaxllm/hugepages.py)", file=sys.stderr)
     return line
 
 
@@ -166,4 +168,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    hugepages.reexec_with_huge_pages()  # before anything runs: see jaxllm/hugepages.py
     sys.exit(main())

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pathlib
 import resource
 import statistics
 import sys
@@ -27,6 +28,9 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a checkout
+from jaxllm import hugepages  # noqa: E402  (standard library only; the same allocator setting as bench.py)
 
 V, L, D, H, N_LAYER, B = 50304, 256, 256, 4, 4, 8
 HIDDEN = 256 * ((int(2 * 4 * D / 3) + 255) // 256)  # the SwiGLU rule: 768 at d=256
@@ -169,4 +173,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    hugepages.reexec_with_huge_pages()  # before anything runs: see jaxllm/hugepages.py
     sys.exit(main())

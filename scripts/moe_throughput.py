@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import models, optim, sharding, step as step_lib
+from jaxllm import hugepages, models, optim, sharding, step as step_lib
 from jaxllm.config import default_config, validate
 
 
@@ -88,4 +88,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    hugepages.reexec_with_huge_pages()  # before anything runs: see jaxllm/hugepages.py
     main()
