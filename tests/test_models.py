@@ -224,6 +224,20 @@ def test_remat_policies_agree(name, dropout):
 # --- grouped-query attention ------------------------------------------------------------------------
 
 
+def test_remat_dots_keeps_the_projection_matmuls():
+    """remat="dots" recomputes only the attention core's two batched matmuls per layer in the backward
+    pass; "full" recomputes the projections too (dots counted in the compiled gradient)."""
+    def dots(remat):
+        m = model_cfg(remat=remat, n_embd=64, sequence_length=32, dtype="bfloat16")
+        model, params, tokens_BxL = init(m)
+        grad = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens_BxL))))
+        return grad.lower(params).compile().as_text().count(" dot(")
+
+    none, saved, full = dots("none"), dots("dots"), dots("full")
+    assert saved == none + 2 * 2  # 2 layers x (scores, probs @ v)
+    assert full > saved
+
+
 def test_gqa_shapes_and_counts():
     counts = {}
     for n_kv in (0, 4, 2, 1):

@@ -17,10 +17,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxllm.models import primitives
 
 Dtype = Any
+LINEAR_OUTPUT = "linear_output"  # checkpoint name of every Dense output (what remat="dots" keeps)
 
 
 def normal(std: float) -> nn.initializers.Initializer:
@@ -62,7 +64,8 @@ class Dense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel_IxO = self.param("kernel", normal(self.std), (x.shape[-1], self.features), self.param_dtype)
         x_NxI = x.astype(self.dtype).reshape(-1, x.shape[-1])
-        return primitives.linear(x_NxI, kernel_IxO).reshape(*x.shape[:-1], self.features)
+        y_NxO = checkpoint_name(primitives.linear(x_NxI, kernel_IxO), LINEAR_OUTPUT)  # for remat="dots"
+        return y_NxO.reshape(*x.shape[:-1], self.features)
 
 
 class Embed(nn.Module):
@@ -224,9 +227,11 @@ class SwiGLU(nn.Module):
 def remat_block(block_cls: type[nn.Module], remat: str) -> type[nn.Module]:
     """The block class wrapped for rematerialisation: none, full (recompute all), dots (save matmuls).
 
-    "dots" saves the outputs of matmuls without batch dimensions (the projections and MLP) and recomputes
-    the attention einsums and elementwise ops. The wrapped block's parameters keep the same names, so
-    one parameter tree serves every policy. `deterministic` (argument 2, counting self) is static.
+    "dots" saves the outputs of the projections and MLP matmuls (every Dense output, by its checkpoint
+    name: they run inside `primitives.linear`, where a policy keyed on dot_general cannot see them, and
+    any other dot without batch dimensions) and recomputes the attention core and elementwise ops. The
+    wrapped block's parameters keep the same names, so one parameter tree serves every policy.
+    `deterministic` (argument 2, counting self) is static.
     """
     if remat == "none":
         return block_cls
@@ -234,7 +239,9 @@ def remat_block(block_cls: type[nn.Module], remat: str) -> type[nn.Module]:
         return nn.remat(block_cls, static_argnums=(2,))
     if remat == "dots":
         return nn.remat(block_cls, static_argnums=(2,),
-                        policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+                        policy=jax.checkpoint_policies.save_from_both_policies(
+                            jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                            jax.checkpoint_policies.save_only_these_names(LINEAR_OUTPUT)))
     raise ValueError(f"model.remat is '{remat}'; choose one of none, full, dots")
 
 
