@@ -87,11 +87,6 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
 
-def dense(features: int, std: float, dtype: Dtype, param_dtype: Dtype, name: str) -> Dense:
-    """A bias-free `Dense` with weights N(0, std^2)."""
-    return Dense(features, std=std, dtype=dtype, param_dtype=param_dtype, name=name)
-
-
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * scale over the last axis, computed in float32, returned in `dtype`."""
 
@@ -176,7 +171,7 @@ class CausalSelfAttention(nn.Module):
         b, l, d = x_BxLxD.shape
         h, g = self.n_head, self.n_kv_head
         r, k = h // g, d // h
-        proj = functools.partial(dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        proj = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
         q_BxLxHxK = proj(h * k, self.init_std, name="q")(x_BxLxD).reshape(b, l, h, k)
         k_BxLxGxK = proj(g * k, self.init_std, name="k")(x_BxLxD).reshape(b, l, g, k)
         v_BxLxGxK = proj(g * k, self.init_std, name="v")(x_BxLxD).reshape(b, l, g, k)
@@ -202,7 +197,7 @@ class GeluMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        proj = functools.partial(dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        proj = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
         h_BxLxF = nn.gelu(proj(self.hidden, self.init_std, name="fc")(x_BxLxD), approximate=False)
         return proj(x_BxLxD.shape[-1], self.out_std, name="proj")(h_BxLxF)
 
@@ -218,7 +213,7 @@ class SwiGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        proj = functools.partial(dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        proj = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
         gate_BxLxF = proj(self.hidden, self.init_std, name="w1")(x_BxLxD)
         up_BxLxF = proj(self.hidden, self.init_std, name="w3")(x_BxLxD)
         return proj(x_BxLxD.shape[-1], self.out_std, name="w2")(nn.silu(gate_BxLxF) * up_BxLxF)

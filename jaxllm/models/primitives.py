@@ -150,9 +150,9 @@ def _attention_bwd(residuals, dout_BxGxNxK):
     dq_BxGxNxK = _matmul(dscores_BxGxNxL, k_BxGxLxK)
     dk_BxGxLxK = _matmul(transposed(dscores_BxGxNxL), q_BxGxNxK)
     dv_BxGxLxK = _matmul(transposed(used_BxGxNxL.astype(dtype)), dout_BxGxNxK)
-    dscale = None if scale_BxGxNxL is None else jnp.zeros_like(scale_BxGxNxL)
+    # The dropout scale is data (a mask): None is its zero cotangent, whether or not there is one.
     return (dq_BxGxNxK.astype(dtype), dk_BxGxLxK.astype(k_BxGxLxK.dtype), dv_BxGxLxK.astype(v_BxGxLxK.dtype),
-            dscale)
+            None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
