@@ -1,10 +1,10 @@
 """What a compiled step costs each device, read from XLA: FLOPs and the bytes its collectives move.
 
 `flops_per_device(compiled)` is XLA's cost analysis of the partitioned (per-device) program. XLA counts the
-body of a while loop once, whatever its trip count, so the figure is one optimizer step's FLOPs only when
-the step has no loop over micro-batches (`train.grad_accum = 1`); compare FLOPs at grad_accum 1 (the
-chunked LM head's and attention's inner loops are counted once too, the same way on 1 and on N devices,
-so a ratio of two such figures is still the ratio of the work).
+body of a while loop once, whatever its trip count: the micro-batch loop (`train.grad_accum > 1`) and the
+chunked LM head's loop over token chunks each count as one iteration, so compare it at grad_accum 1 and
+read it as a lower bound. `matmul_flops(hlo_text)` accounts for the trip counts: the FLOPs of every dot
+(and ragged dot) times the number of times its loop runs, i.e. the matmul work one device does per step.
 
 `collective_bytes(hlo_text)` parses `compiled.as_text()` and sums, per collective kind, the bytes every
 execution of the step moves through that kind of collective: an instruction inside a while loop counts
@@ -153,6 +153,32 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
 def collective_counts(hlo_text: str) -> dict[str, int]:
     """How many collectives of each kind one execution of a compiled module runs (loops: once per trip)."""
     return _collectives(hlo_text)[1]
+
+
+def matmul_flops(hlo_text: str) -> float:
+    """FLOPs of every dot and ragged dot of a compiled module per execution, loops counted once per trip:
+    2 * (result elements) * (contracted size) each, fused ones included. This is the matmul work one device
+    does per step, which XLA's cost analysis undercounts whenever a matmul sits in a loop (micro-batches,
+    the chunked LM head); element-wise work (norms, the optimizer update) is left out."""
+    computations, entry = _parse(hlo_text)
+    times = _multiplicities(computations, entry)
+    shapes = {name: shape for instructions in computations.values() for name, shape, *_ in instructions}
+    total = 0.0
+    for computation, instructions in computations.items():
+        for _, shape, opcode, operands, attributes in instructions:
+            if opcode not in ("dot", "ragged-dot"):
+                continue
+            lhs = re.findall(r"%([\w.\-]+)", operands)[0]
+            lhs_dims = [int(d) for d in filter(None, _ARRAY.search(shapes[lhs]).group(2).split(","))]
+            contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attributes)
+            contracted = 1
+            for axis in filter(None, contracting.group(1).split(",") if contracting else []):
+                contracted *= lhs_dims[int(axis)]
+            result = 1
+            for dim in filter(None, _ARRAY.search(shape).group(2).split(",")):
+                result *= int(dim)
+            total += times[computation] * 2.0 * result * contracted
+    return total
 
 
 def flops_per_device(compiled) -> float:
