@@ -5,6 +5,8 @@ body of a while loop once, whatever its trip count: the micro-batch loop (`train
 chunked LM head's loop over token chunks each count as one iteration, so compare it at grad_accum 1 and
 read it as a lower bound. `matmul_flops(hlo_text)` accounts for the trip counts: the FLOPs of every dot
 (and ragged dot) times the number of times its loop runs, i.e. the matmul work one device does per step.
+It reads `dot` and `ragged-dot` instructions as XLA:CPU leaves them; XLA:GPU rewrites dots into cuBLAS/
+Triton custom calls, which it does not count (it would report ~0 there).
 
 `collective_bytes(hlo_text)` parses `compiled.as_text()` and sums, per collective kind, the bytes every
 execution of the step moves through that kind of collective: an instruction inside a while loop counts
@@ -13,7 +15,8 @@ its condition compares the counter with; nested loops multiply). Bytes of one co
 the whole buffer it works on: max(operand bytes, result bytes), i.e. the reduced buffer of an all-reduce,
 the gathered result of an all-gather, the full input of a reduce-scatter. Computations reached through
 `call`, fusions or conditional branches count with their caller's multiplicity (both branches of a
-conditional count: an upper bound).
+conditional count: an upper bound). A loop whose trip count cannot be found counts once.
+`collective_counts(hlo_text)` counts the collectives the same way.
 """
 
 from __future__ import annotations
