@@ -117,7 +117,7 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
     checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
     latest = checkpointer.latest_step()
     model, optimizer, schedule = build(config)
-    train_step = step_lib.compile_train_step(step_lib.make_train_step(model, optimizer, schedule, config), mesh)
+    train_step = step_lib.compile_train_step(step_lib.make_train_step(model, optimizer, schedule, config, mesh), mesh)
     eval_step = step_lib.make_eval_step(model, config, mesh)
     replicated = sharding.replicated(mesh)
     if latest is None:

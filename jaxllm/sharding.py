@@ -1,8 +1,10 @@
 """The device mesh and where arrays live on it.
 
 jaxllm is data-parallel over a 1-D mesh with one axis, `data`: every batch is split along its batch
-dimension over the devices and the parameters and optimizer state are replicated. One device is the
-degenerate case of the same code path.
+dimension over the devices and the parameters and optimizer state are replicated. The train step
+(jaxllm/step.py) computes each device's gradient on its own rows inside `jax.shard_map` and adds the
+gradients up with one all-reduce per optimizer step; the evaluation step is left to XLA's partitioner.
+One device is the degenerate case: a mesh of one, no collectives.
 """
 
 from __future__ import annotations

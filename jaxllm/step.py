@@ -4,12 +4,29 @@
 micro-batches (`inputs_KxBxL`), the gradient is the token-mean over all of them (the same as one batch
 K times bigger, up to float rounding), and the dropout key is derived from the step, so the step has no
 hidden state. Parameters and optimizer state are replicated over the `data` mesh axis and the batch is
-split over it; XLA inserts the gradient all-reduce.
+split along B over it.
+
+Where the work happens on N > 1 devices: the whole gradient computation (all K micro-batches) runs inside
+`jax.shard_map` over `data`. Each device takes its B / N rows of every micro-batch, computes local
+gradient and loss sums (the fused LM head and the MoE experts see only those rows), adds them up over the
+K micro-batches in the accumulation scan, and then one `psum` over `data` of (gradients, LossSums, MoE
+sums) makes them global: one gradient all-reduce per optimizer step, whatever K. The optimizer update
+runs after it, outside the shard_map, replicated (every device applies the same update to its copy).
+Left to XLA's partitioner instead, the fused head's chunk loop and the dropless experts' sort made it
+all-gather the hidden states and compute the global batch on every device, and the gradient all-reduce
+sat inside the accumulation loop (K of them); scripts/bench.py --num_devices N prints the difference.
+Differences from one device: each device draws its own dropout masks (the key folds in the device
+index), and MoE router statistics are per device (below). One device skips the shard_map: it is the
+plain computation, bit for bit as before.
 
 With mixture-of-experts layers (config.moe.n_experts > 0) the model is applied with
 mutable=["intermediates"] to read what the routers sow: their auxiliary loss is added to the training
 objective (never to validation loss, which stays comparable with dense models), and the aux losses,
-per-layer expert loads and dropped fraction are returned as "moe/..." metrics.
+per-layer expert loads and dropped fraction are returned as "moe/..." metrics. On N devices the router
+statistics (load-balance loss, z-loss, loads, dropped fraction) are computed over each device's rows and
+averaged with the rows' token weights: per-device load balancing, as in GShard/Switch data-parallel
+training. The load-balance loss is not linear in the tokens, so the aux loss (and through its gradient
+the update) differs slightly from one device's on the same global batch; the NLL does not.
 """
 
 from __future__ import annotations
@@ -21,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from jaxllm import loss as loss_lib
 from jaxllm import models
@@ -80,9 +98,16 @@ def _loss_sums(model: nn.Module, config, params, batch: Batch, dropout_key
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    config) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """The uncompiled train step; `compile_train_step` jits it with shardings and donation."""
+                    config, mesh=None) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The uncompiled train step; `compile_train_step` jits it with shardings and donation.
+
+    `mesh`: the mesh the step will be compiled for. On more than one device each device computes the
+    gradient of its own rows of the batch (`per_device_sums` below) and one all-reduce per step adds them up;
+    None or one device: the plain computation (XLA partitions it if the inputs are sharded, which
+    replicates the LM head's and the MoE experts' work on every device).
+    """
     base_key = jax.random.key(config.seed)
+    sharded = mesh is not None and mesh.size > 1
 
     def grads_and_sums(params, micro: Batch, key):
         def objective(p):
@@ -92,23 +117,48 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
         (_, (sums, moe_sums)), grads = jax.value_and_grad(objective, has_aux=True)(params)
         return grads, sums, moe_sums
 
-    def train_step(state: TrainState, batch: Batch):
-        step_key = jax.random.fold_in(base_key, state.step)
+    def accumulated_sums(params, batch: Batch, step_key):
+        """(grads, LossSums, MoE sums) of the objective's token sums, added over the K micro-batches."""
         n_micro = batch["inputs"].shape[0]
+        first = jax.tree.map(lambda x: x[0], batch)
         if n_micro == 1:
-            grads, sums, moe_sums = grads_and_sums(state.params, jax.tree.map(lambda x: x[0], batch), step_key)
-        else:
-            def accumulate(carry, xs):
-                micro, index = xs
-                out = grads_and_sums(state.params, micro, jax.random.fold_in(step_key, index))
-                return jax.tree.map(jnp.add, carry, out), None
+            return grads_and_sums(params, first, step_key)
 
-            first = jax.tree.map(lambda x: x[0], batch)
-            shapes = jax.eval_shape(grads_and_sums, state.params, first, step_key)
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-            (grads, sums, moe_sums), _ = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(n_micro)))
+        def accumulate(carry, xs):
+            micro, index = xs
+            out = grads_and_sums(params, micro, jax.random.fold_in(step_key, index))
+            return jax.tree.map(jnp.add, carry, out), None
+
+        shapes = jax.eval_shape(grads_and_sums, params, first, step_key)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        if sharded:  # the carry holds this device's sums, which differ between devices
+            zeros = jax.lax.pcast(zeros, sharding.DATA_AXIS, to="varying")
+        out, _ = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(n_micro)))
+        return out
+
+    def per_device_sums(params, batch: Batch, step):
+        """Inside shard_map: this device's rows of all K micro-batches, then one psum of every sum.
+
+        `params` arrive replicated (unvarying). Differentiating an unvarying input inside shard_map makes
+        JAX insert a pvary whose transpose is a psum of the gradient, once per micro-batch; casting the
+        params to varying first, outside the differentiated function, keeps each device's gradient local
+        until the single psum after the accumulation loop.
+        """
+        # Each device draws its own dropout masks: with dropout on, a run's masks (not its maths) depend
+        # on the number of devices; 1 and N devices agree exactly only with dropout 0.
+        step_key = jax.random.fold_in(jax.random.fold_in(base_key, step), jax.lax.axis_index(sharding.DATA_AXIS))
+        local = accumulated_sums(jax.lax.pcast(params, sharding.DATA_AXIS, to="varying"), batch, step_key)
+        return jax.lax.psum(local, sharding.DATA_AXIS)
+
+    def train_step(state: TrainState, batch: Batch):
+        if sharded:
+            grads, sums, moe_sums = jax.shard_map(
+                per_device_sums, mesh=mesh, in_specs=(P(), P(None, sharding.DATA_AXIS), P()), out_specs=P(),
+            )(state.params, batch, state.step)
+        else:
+            grads, sums, moe_sums = accumulated_sums(state.params, batch, jax.random.fold_in(base_key, state.step))
         # The objective is a token sum: dividing by the token count makes it the token mean over all
-        # micro-batches, exactly what one big batch would give.
+        # micro-batches (and devices), exactly what one big batch would give.
         weight = jnp.maximum(sums.weight, 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

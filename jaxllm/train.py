@@ -109,7 +109,7 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     model = models.build_model(m, config.moe)
     optimizer = optim.make_optimizer(config)
     schedule = optim.make_schedule(config)
-    train_step = step_lib.compile_train_step(step_lib.make_train_step(model, optimizer, schedule, config), mesh)
+    train_step = step_lib.compile_train_step(step_lib.make_train_step(model, optimizer, schedule, config, mesh), mesh)
     eval_step = step_lib.make_eval_step(model, config, mesh)
 
     replicated = sharding.replicated(mesh)

@@ -20,6 +20,20 @@ does not stall the step, and the peak FLOP/s source.
 `--compile_only` compiles the step ahead of time without allocating the state and prints XLA's memory
 analysis instead (`argument_mb`, `output_mb`, `temp_mb`, `total_mb`, `compile_s`): whether a config fits a
 card, checked on any machine (the figure is for the backend it runs on).
+
+Both lines end with what the compiled step costs each device (jaxllm/hlo.py):
+
+  xla_flops_per_device     XLA's cost analysis of the partitioned step; it counts a while-loop body once,
+                           so the micro-batch loop (grad_accum > 1) and the LM head's chunk loop count once
+  matmul_flops_per_device  FLOPs of every dot of the compiled step, loops counted once per trip
+  collective_bytes         {"all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute"}:
+                           bytes per optimizer step, parsed from the compiled HLO, loops counted per trip
+  collective_counts        how many of each per optimizer step, counted the same way
+
+`--num_devices N` runs on a mesh of N devices (sets train.num_devices); on CPU, N > 1 simulates N host
+devices (XLA_FLAGS=--xla_force_host_platform_device_count=N, set before jax is imported, hence the argv
+scan at the top of this file): `python scripts/bench.py --config configs/bench_cpu.py --num_devices 4
+--compile_only`.
 """
 
 from __future__ import annotations
@@ -32,13 +46,28 @@ import statistics
 import sys
 import time
 
-import jax
-import numpy as np
+
+def _simulate_host_devices(argv) -> None:
+    """`--num_devices N` (N > 1): have XLA:CPU make N host devices. XLA reads the flag when jax starts, so
+    this runs before `import jax`; it only affects the CPU platform, so it is harmless on a GPU machine."""
+    for i, item in enumerate(argv):
+        value = argv[i + 1] if item == "--num_devices" and i + 1 < len(argv) else item.partition("=")[2]
+        if (item == "--num_devices" or item.startswith("--num_devices=")) and value.isdigit() and int(value) > 1:
+            flags = os.environ.get("XLA_FLAGS", "")
+            if "xla_force_host_platform_device_count" not in flags:
+                os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={value}".strip()
+
+
+if __name__ == "__main__":
+    _simulate_host_devices(sys.argv[1:])
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a checkout
 
 from jaxllm import config as config_lib  # noqa: E402
-from jaxllm import hardware, hugepages, models, optim, sharding, step as step_lib  # noqa: E402
+from jaxllm import hardware, hlo, hugepages, models, optim, sharding, step as step_lib  # noqa: E402
 from jaxllm.data import batches as batches_lib  # noqa: E402
 
 
@@ -48,6 +77,8 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (compiling) one")
     parser.add_argument("--compile_only", action="store_true", help="print XLA's memory analysis, run nothing")
+    parser.add_argument("--num_devices", type=int, default=None,
+                        help="devices in the mesh (train.num_devices); on CPU, N > 1 simulates N host devices")
     args, rest = parser.parse_known_args(argv)
     bad = [item for item in rest if not item.startswith("--config.")]
     if bad:
@@ -56,15 +87,15 @@ def parse_args(argv):
 
 
 def build(config):
-    """(state, compiled train step, `device_batch(step_number)`) for `config`, as `jaxllm.train` builds them,
-    with batches cut by the real loader from random tokens."""
+    """(state, jitted train step, `device_batch(step_number)`, mesh size) for `config`, as `jaxllm.train`
+    builds them, with batches cut by the real loader from random tokens."""
     m, t = config.model, config.train
     L, B, K = m.sequence_length, t.batch_size, t.grad_accum
     mesh = sharding.make_mesh(t.num_devices)
-    model = models.build_model(m)
+    model = models.build_model(m, config.moe)
     optimizer = optim.make_optimizer(config)
     train_step = step_lib.compile_train_step(
-        step_lib.make_train_step(model, optimizer, optim.make_schedule(config), config), mesh)
+        step_lib.make_train_step(model, optimizer, optim.make_schedule(config), config, mesh), mesh)
     state = jax.jit(lambda: step_lib.init_state(model, optimizer, config),
                     out_shardings=sharding.replicated(mesh))()
     # Enough windows for a long benchmark; the loader wraps around into a new epoch after that.
@@ -77,6 +108,13 @@ def build(config):
         return sharding.shard_batch(host, mesh, batch_axis=1)
 
     return jax.block_until_ready(state), train_step, device_batch, mesh.size
+
+
+def step_costs(compiled) -> dict:
+    """What the compiled step costs each device: XLA's FLOPs and the collectives' bytes and counts per step."""
+    text = compiled.as_text()
+    return {"xla_flops_per_device": hlo.flops_per_device(compiled), "matmul_flops_per_device": hlo.matmul_flops(text),
+            "collective_bytes": hlo.collective_bytes(text), "collective_counts": hlo.collective_counts(text)}
 
 
 def timed_step(state, train_step, device_batch, step_number):
@@ -112,17 +150,21 @@ def summary(config, step_s, compile_s, n_devices) -> dict:
 def bench(config, steps: int = 10, warmup: int = 2) -> dict:
     """Run 1 + warmup + steps train steps of `config` on random tokens; return the JSON line's fields."""
     state, train_step, device_batch, n_devices = build(config)
+    start = time.perf_counter()
+    # Compiled ahead of time (the same program the first call would compile) to read its costs.
+    compiled = train_step.lower(state, device_batch(0)).compile()
+    lower_compile_s = time.perf_counter() - start
     step_s, input_s, compile_s = [], [], 0.0
     for step_number in range(1 + warmup + steps):
-        state, metrics, seconds, feed_seconds = timed_step(state, train_step, device_batch, step_number)
+        state, metrics, seconds, feed_seconds = timed_step(state, compiled, device_batch, step_number)
         if step_number == 0:
-            compile_s = seconds
+            compile_s = lower_compile_s + seconds
         elif step_number > warmup:
             step_s.append(seconds)
             input_s.append(feed_seconds)
     if not np.isfinite(float(metrics["loss"])):
         raise RuntimeError(f"the benchmark's loss is {float(metrics['loss'])}; the step is broken")
-    line = summary(config, step_s, compile_s, n_devices)
+    line = {**summary(config, step_s, compile_s, n_devices), **step_costs(compiled)}
     _, source = hardware.peak_flops(config.model.dtype, n_devices)
     print(f"input pipeline: median {1e3 * statistics.median(input_s):.2f} ms per batch "
           f"({100 * statistics.median(input_s) / statistics.median(step_s):.2f}% of the step); peak FLOP/s from "
@@ -135,26 +177,29 @@ def compile_memory(config) -> dict:
     """Ahead-of-time compile of the train step on abstract inputs; XLA's memory analysis in MiB."""
     m, t = config.model, config.train
     mesh = sharding.make_mesh(t.num_devices)
-    model = models.build_model(m)
+    model = models.build_model(m, config.moe)
     optimizer = optim.make_optimizer(config)
     train_step = step_lib.compile_train_step(
-        step_lib.make_train_step(model, optimizer, optim.make_schedule(config), config), mesh)
+        step_lib.make_train_step(model, optimizer, optim.make_schedule(config), config, mesh), mesh)
     state = step_lib.abstract_state(model, optimizer, config)
     shape = (t.grad_accum, t.batch_size, m.sequence_length)
     batch = {"inputs": jax.ShapeDtypeStruct(shape, np.int32), "targets": jax.ShapeDtypeStruct(shape, np.int32),
              "weights": jax.ShapeDtypeStruct(shape, np.float32)}
     start = time.perf_counter()
-    analysis = train_step.lower(state, batch).compile().memory_analysis()
+    compiled = train_step.lower(state, batch).compile()
+    analysis = compiled.memory_analysis()
     mb = {name: getattr(analysis, f"{name}_size_in_bytes") / 2**20 for name in ("argument", "output", "temp")}
     alias = getattr(analysis, "alias_size_in_bytes", 0) / 2**20  # donated state: counted once
     return {"argument_mb": round(mb["argument"], 1), "output_mb": round(mb["output"], 1),
             "temp_mb": round(mb["temp"], 1), "total_mb": round(mb["argument"] + mb["output"] - alias + mb["temp"], 1),
             "compile_s": round(time.perf_counter() - start, 2), "device": hardware.device_description(),
-            "jax": jax.__version__}
+            "jax": jax.__version__, **step_costs(compiled)}
 
 
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
+    if args.num_devices is not None:
+        overrides.append(f"train.num_devices={args.num_devices}")
     try:
         config = config_lib.load_config(args.config, overrides)
     except config_lib.ConfigError as error:

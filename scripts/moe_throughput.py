@@ -41,7 +41,7 @@ def measure(config, steps: int, repeats: int) -> float:
     model = models.build_model(config.model, config.moe)
     optimizer = optim.make_optimizer(config)
     train_step = step_lib.compile_train_step(
-        step_lib.make_train_step(model, optimizer, optim.make_schedule(config), config), mesh)
+        step_lib.make_train_step(model, optimizer, optim.make_schedule(config), config, mesh), mesh)
     state = jax.jit(lambda: step_lib.init_state(model, optimizer, config))()
     b, l, v = config.train.batch_size, config.model.sequence_length, config.model.vocab_size
     tokens = np.random.default_rng(0).integers(0, v, size=(1, b, l + 1), dtype=np.int32)

@@ -128,7 +128,7 @@ def _one_step(config, batch_KxBxL, num_devices):
     model = models.build_model(config.model)
     optimizer = optim.make_optimizer(config)
     step = step_lib.compile_train_step(
-        step_lib.make_train_step(model, optimizer, optim.make_schedule(config), config), mesh)
+        step_lib.make_train_step(model, optimizer, optim.make_schedule(config), config, mesh), mesh)
     state = jax.jit(lambda: step_lib.init_state(model, optimizer, config),
                     out_shardings=sharding.replicated(mesh))()
     batch = sharding.shard_batch(batch_KxBxL, mesh, batch_axis=1)
