@@ -87,7 +87,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss = lo = ml_collections.ConfigDict()
     lo.label_smoothing = 0.0
     lo.z_loss = 0.0  # coefficient of mean(logsumexp(logits)^2)
-    lo.head_chunk = 0  # train step: fused LM head + cross-entropy over chunks of this many tokens; 0 = full logits
+    # Train step: fused LM head + cross-entropy over chunks of this many tokens (never the [B, L, V] logits);
+    # 0 = full logits; -1 = auto: fused for vocabularies >= 8192, 256-token chunks on CPU, 4096 on GPU/TPU.
+    lo.head_chunk = -1
 
     c.optim = o = ml_collections.ConfigDict()
     o.name = "adamw"  # one of OPTIMIZERS
@@ -311,9 +313,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _positive(config[section][field], path)
     for path in ("model.n_kv_head", "model.mlp_hidden", "model.dropout", "optim.weight_decay", "optim.grad_clip",
                  "optim.warmup_steps", "train.eval_batches", "train.num_devices", "train.max_duration_s", "loss.label_smoothing",
-                 "loss.z_loss", "loss.head_chunk", "data.max_documents"):
+                 "loss.z_loss", "data.max_documents"):
         section, field = path.split(".")
         _positive(config[section][field], path, allow_zero=True)
+    if config.loss.head_chunk < -1:
+        raise ConfigError(f"loss.head_chunk is {config.loss.head_chunk}; use a chunk size > 0, 0 (full logits) "
+                          f"or -1 (auto)")
     if m.n_embd % m.n_head:
         raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
                           f"try n_head={_divisor_near(m.n_embd, m.n_head)}")

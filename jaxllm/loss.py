@@ -194,6 +194,30 @@ def _fused_bwd(chunk, label_smoothing, z_loss, residuals, cotangent):
 _fused_loss.defvjp(_fused_fwd, _fused_bwd)
 
 
+# `loss.head_chunk = -1` (auto): the fused head for vocabularies at least this large, in chunks of
+# AUTO_HEAD_CHUNK[backend] tokens. CPU: bench_cpu's measured best (docs/benchmarks.md). Accelerators: large
+# enough that each chunk's [V, C] matmuls fill the device, small enough that the float32 [V, C] logits and
+# their gradient (~0.8 GB each at V=50304, C=4096) are a small part of a 40 GB card.
+AUTO_HEAD_MIN_VOCAB = 8192
+AUTO_HEAD_CHUNK = {"cpu": 256}
+AUTO_HEAD_CHUNK_ACCELERATOR = 4096
+
+
+def head_chunk(setting: int, vocab_size: int, n_tokens: int, backend: str | None = None) -> int:
+    """Tokens per chunk of the fused LM head + cross-entropy for the `loss.head_chunk` setting; 0 = plain head.
+
+    A setting >= 0 is used as given. -1 (auto) is 0 below AUTO_HEAD_MIN_VOCAB (the [B, L, V] logits are
+    small) and otherwise AUTO_HEAD_CHUNK for the backend (`jax.default_backend()` when None), capped at the
+    `n_tokens` one device holds in a micro-batch, so a small per-device batch is not padded to a full chunk.
+    """
+    if setting >= 0:
+        return setting
+    if vocab_size < AUTO_HEAD_MIN_VOCAB:
+        return 0
+    backend = backend or jax.default_backend()
+    return min(AUTO_HEAD_CHUNK.get(backend, AUTO_HEAD_CHUNK_ACCELERATOR), n_tokens)
+
+
 def chunked_cross_entropy(hidden_BxLxD: jax.Array, head_DxV: jax.Array, targets_BxL: jax.Array,
                           weights_BxL: jax.Array, *, chunk: int, label_smoothing: float = 0.0,
                           z_loss: float = 0.0) -> LossSums:

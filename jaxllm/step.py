@@ -76,14 +76,16 @@ def _loss_sums(model: nn.Module, config, params, batch: Batch, dropout_key
     deterministic = config.model.dropout == 0.0 and not (config.finetune.lora.rank and config.finetune.lora.dropout)
     rngs = None if deterministic else {"dropout": dropout_key}
     moe_on = config.moe.n_experts > 0
-    fused_head = config.loss.head_chunk > 0  # never materialise the float32 [B, L, V] logits
+    # The fused head never materialises the float32 [B, L, V] logits; -1 (auto) picks it for large vocabularies.
+    chunk = loss_lib.head_chunk(config.loss.head_chunk, config.model.vocab_size, int(batch["inputs"].size))
+    fused_head = chunk > 0
     out = model.apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs,
                       return_hidden=fused_head, **({"mutable": ["intermediates"]} if moe_on else {}))
     features, variables = out if moe_on else (out, None)
     if fused_head:
         sums = loss_lib.chunked_cross_entropy(
             features, models.lm_head_matrix(params, config.model), batch["targets"], batch["weights"],
-            chunk=config.loss.head_chunk, label_smoothing=config.loss.label_smoothing, z_loss=config.loss.z_loss)
+            chunk=chunk, label_smoothing=config.loss.label_smoothing, z_loss=config.loss.z_loss)
     else:
         sums = loss_lib.cross_entropy(features, batch["targets"], batch["weights"],
                                       label_smoothing=config.loss.label_smoothing, z_loss=config.loss.z_loss)

@@ -149,3 +149,22 @@ def test_jit_compiles():
     logits, targets, weights = _inputs(8)
     fn = jax.jit(lambda *a: loss_lib.cross_entropy(*a, label_smoothing=0.1, z_loss=1e-4))
     _check(fn(logits, targets, weights), _reference(logits, targets, weights, eps=0.1, z=1e-4))
+
+
+def test_auto_head_chunk_fuses_large_vocabularies_per_backend():
+    assert loss_lib.head_chunk(48, 320, 1024, "cpu") == 48  # an explicit setting is used as given
+    assert loss_lib.head_chunk(0, 50304, 1024, "gpu") == 0
+    assert loss_lib.head_chunk(-1, 320, 1024, "cpu") == 0  # small vocabulary: plain head
+    assert loss_lib.head_chunk(-1, 50304, 16384, "cpu") == 256
+    assert loss_lib.head_chunk(-1, 50304, 16384, "gpu") == 4096
+    assert loss_lib.head_chunk(-1, 50304, 16384, "tpu") == 4096
+    assert loss_lib.head_chunk(-1, 50304, 1024, "gpu") == 1024  # never more than the device's tokens
+
+
+def test_auto_head_chunk_is_the_default_and_bad_values_are_refused():
+    from jaxllm import config as config_lib
+    c = config_lib.default_config()
+    assert c.loss.head_chunk == -1
+    c.loss.head_chunk = -2
+    with pytest.raises(config_lib.ConfigError, match="loss.head_chunk is -2"):
+        config_lib.validate(c)
