@@ -195,7 +195,8 @@ def test_bench_prints_the_issue_json_line(capsys):
     captured = capsys.readouterr()
     line = json.loads(captured.out.strip().splitlines()[-1])
     assert list(line) == ["tokens_per_s", "step_ms", "compile_s", "flops_per_token", "mfu", "peak_memory_mb",
-                          "device", "jax"]
+                          "device", "jax", "input_share"]
+    assert 0 < line["input_share"] <= 1  # the step time includes the batch
     assert set(line["step_ms"]) == {"median", "min", "max"}
     assert line["step_ms"]["min"] <= line["step_ms"]["median"] <= line["step_ms"]["max"]
     assert line["tokens_per_s"] == pytest.approx(4 * 32 / (line["step_ms"]["median"] / 1e3), rel=1e-2)  # step_ms is rounded
