@@ -3,6 +3,13 @@
 Each checkpoint is a step folder holding the `TrainState` pytree and a small JSON of metadata (the model
 config, tokens seen, wall-clock time used). Orbax writes a step into a temporary folder and renames it when
 complete, so a kill in the middle of a save leaves the previous checkpoint as the newest valid one.
+
+With `async_save` (train.async_checkpoint; on by default off-CPU) `save` returns once the arrays are on the
+host and a background thread writes them. That is safe with the train step's buffer donation: with
+orbax's default options (no `save_device_host_concurrent_gb`) every array is a "prioritized" key whose
+device-to-host copy completes before `save` returns (orbax `jax_array_handlers`,
+`replica_slices.transfer_arrays_to_host` blocks). A save waits for the previous one to finish, and so do
+reading, restoring and `close`; the temporary-folder-then-rename commit is the same as a blocking save's.
 """
 
 from __future__ import annotations
@@ -42,14 +49,27 @@ def locate(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
     return folder, steps[-1]
 
 
-class Checkpointer:
-    """Saves and restores `TrainState` under `directory`, keeping the newest `keep` steps."""
+def use_async(setting: str) -> bool:
+    """train.async_checkpoint as a bool: "on", "off", or "auto" = on unless JAX runs on the CPU."""
+    return setting == "on" or (setting == "auto" and jax.default_backend() != "cpu")
 
-    def __init__(self, directory: str | pathlib.Path, keep: int = 2):
+
+class Checkpointer:
+    """Saves and restores `TrainState` under `directory`, keeping the newest `keep` steps.
+
+    `async_save`: `save` returns once the state is copied to host memory (see the module docstring).
+    """
+
+    def __init__(self, directory: str | pathlib.Path, keep: int = 2, async_save: bool = False):
         self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
+        self.async_save = async_save
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def wait_until_finished(self) -> None:
+        """Block until a save in flight is written and committed (a no-op for blocking saves)."""
+        self._manager.wait_until_finished()
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -58,18 +78,24 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state, meta: dict[str, Any]) -> None:
-        """Write `state` and `meta` as checkpoint `step` (a no-op if that step is already saved)."""
+        """Write `state` and `meta` as checkpoint `step` (a no-op if that step is already saved).
+
+        Blocking, or with `async_save` returning once the arrays are on the host (after waiting for the
+        previous save, which orbax would wait for anyway)."""
+        self._manager.wait_until_finished()
         if step in self._manager.all_steps():
             return
         try:
             self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                              meta=ocp.args.JsonSave(meta)), force=True)
-            self._manager.wait_until_finished()
+            if not self.async_save:
+                self._manager.wait_until_finished()
         except OSError as error:
             raise CheckpointError(f"could not write checkpoint {step} to {self.directory} ({error.strerror or error}); "
                                   f"free disk space or choose another --workdir; the previous checkpoint is intact") from error
 
     def read_meta(self, step: int) -> dict[str, Any]:
+        self.wait_until_finished()
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored["meta"])
 
@@ -78,6 +104,7 @@ class Checkpointer:
         if shardings is not None:
             abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                           abstract_state, shardings)
+        self.wait_until_finished()
         restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                                        meta=ocp.args.JsonRestore()))
         return restored["state"], dict(restored["meta"])
@@ -87,6 +114,7 @@ class Checkpointer:
 
         This is how another stage reads a checkpoint whose optimizer state it does not share.
         """
+        self.wait_until_finished()
         restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
                                                                        meta=ocp.args.JsonRestore()))
         return restored["state"], dict(restored["meta"])
@@ -102,4 +130,6 @@ class Checkpointer:
                     f"{value} here); use a new --workdir or the same model settings")
 
     def close(self) -> None:
+        """Finish a save in flight, then release orbax's threads."""
+        self._manager.wait_until_finished()
         self._manager.close()

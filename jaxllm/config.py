@@ -28,6 +28,7 @@ MOE_MODES = ("dropless", "capacity")
 STAGES = ("pretrain", "finetune")
 MATHQA_SOURCES = ("synthetic", "hub", "local")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+ASYNC_CHECKPOINT = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -119,6 +120,9 @@ def default_config() -> ml_collections.ConfigDict:
     t.checkpoint_every = 1000
     t.keep_checkpoints = 2
     t.max_duration_s = 0.0  # wall-clock budget of the run in seconds (the hackathon: 3 h); 0 = none
+    t.fit_steps_to_budget = False  # measure the step time early, then end the schedule at the steps max_duration_s holds (<= steps)
+    t.async_checkpoint = "auto"  # write checkpoints in a background thread: auto (on off-CPU), on, off
+    t.prefetch = 2  # host batches prepared (and put on the devices) ahead by a background thread; 0 = none
     t.progress = True  # console progress bar
     t.num_devices = 0  # devices in the data-parallel mesh; 0 = all visible devices
 
@@ -176,6 +180,13 @@ def stage_config(config, stage: str) -> ml_collections.ConfigDict:
         c.optim = ml_collections.ConfigDict(config.finetune.optim.to_dict())
         c.train = ml_collections.ConfigDict(config.finetune.train.to_dict())
     c.stages = stage
+    return c
+
+
+def with_train_steps(config, steps: int) -> ml_collections.ConfigDict:
+    """A copy of `config` with train.steps = `steps` (the schedule's length; fit_steps_to_budget's result)."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.train.steps = int(steps)
     return c
 
 
@@ -305,6 +316,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _choice(d.tokenizer, TOKENIZERS, "data.tokenizer")
     _choice(o.name, OPTIMIZERS, "optim.name")
     _choice(o.schedule, SCHEDULES, "optim.schedule")
+    _choice(t.async_checkpoint, ASYNC_CHECKPOINT, "train.async_checkpoint")
     for path in ("model.n_layer", "model.n_embd", "model.n_head", "model.vocab_size", "model.sequence_length",
                  "model.mlp_multiple_of", "train.steps", "train.batch_size", "train.grad_accum",
                  "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
@@ -312,7 +324,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         section, field = path.split(".")
         _positive(config[section][field], path)
     for path in ("model.n_kv_head", "model.mlp_hidden", "model.dropout", "optim.weight_decay", "optim.grad_clip",
-                 "optim.warmup_steps", "train.eval_batches", "train.num_devices", "train.max_duration_s", "loss.label_smoothing",
+                 "optim.warmup_steps", "train.eval_batches", "train.num_devices", "train.max_duration_s", "train.prefetch", "loss.label_smoothing",
                  "loss.z_loss", "data.max_documents"):
         section, field = path.split(".")
         _positive(config[section][field], path, allow_zero=True)
@@ -336,6 +348,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"loss.label_smoothing is {config.loss.label_smoothing}; it must be in [0, 1)")
     if not 0 < o.warmup_pct < 1:
         raise ConfigError(f"optim.warmup_pct is {o.warmup_pct}; it must be in (0, 1)")
+    if t.fit_steps_to_budget and not t.max_duration_s:
+        raise ConfigError("train.fit_steps_to_budget needs a budget to fit the steps in; set train.max_duration_s > 0 "
+                          "or turn fit_steps_to_budget off")
     if not 0 <= o.decay_pct <= 1:
         raise ConfigError(f"optim.decay_pct is {o.decay_pct}; it must be in [0, 1]")
     if o.schedule in ("cosine", "wsd", "constant") and o.warmup_steps >= t.steps:

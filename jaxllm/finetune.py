@@ -114,10 +114,10 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
     data = mathqa.FinetuneData(questions, tokenizer, max_length=max_length, pad_multiple=q.pad_multiple,
                                rationale=q.rationale)
 
-    checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
+    checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints,
+                                               async_save=checkpoint_lib.use_async(t.async_checkpoint))
     latest = checkpointer.latest_step()
-    model, optimizer, schedule = build(config)
-    train_step = step_lib.compile_train_step(step_lib.make_train_step(model, optimizer, schedule, config, mesh), mesh)
+    model, optimizer, _ = build(config)
     eval_step = step_lib.make_eval_step(model, config, mesh)
     replicated = sharding.replicated(mesh)
     if latest is None:
@@ -133,7 +133,15 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
         state, meta = checkpointer.restore(latest, abstract, jax.tree.map(lambda _: replicated, abstract))
     opt_bytes, param_bytes = lora_lib.tree_bytes(state.opt_state), lora_lib.tree_bytes(state.params)
     start_step = int(jax.device_get(state.step))
-    (workdir / "config.json").write_text(config_lib.to_json(config))
+    # fit_steps_to_budget: a resume keeps the step count its run fitted (the schedule it trained with).
+    fitted_steps = meta.get("fitted_steps") if t.fit_steps_to_budget else None
+
+    def refit(steps: int):
+        """The train step for a schedule of `steps` steps, recorded in config.json (train.steps)."""
+        (workdir / "config.json").write_text(config_lib.to_json(config_lib.with_train_steps(config, steps)))
+        return build_train_step(config_lib.with_train_steps(config, steps), mesh)
+
+    train_step = refit(fitted_steps or t.steps)
     writer = MetricsWriter(workdir, resume_step=latest)
     if latest is None:
         writer.write(0, "memory", {"opt_state_bytes": opt_bytes, "param_bytes": param_bytes,
@@ -144,19 +152,24 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
 
     val_batches = data.val_batches(t.batch_size, t.eval_batches)
 
-    def save(step_number: int, state, tokens_seen: int, elapsed_s: float) -> None:
-        checkpointer.save(step_number, state, {"step": step_number, "stage": "finetune", "tokens_seen": tokens_seen,
-                                               "elapsed_s": elapsed_s, "model_shape": checkpoint_lib.shape_signature(m)})
+    def save(step_number: int, state, loop_meta: dict[str, Any]) -> None:
+        checkpointer.save(step_number, state, {"step": step_number, "stage": "finetune", **loop_meta,
+                                               "model_shape": checkpoint_lib.shape_signature(m)})
 
-    result = loop.run_loop(
-        state, train_cfg=t, train_step=train_step,
-        host_batch=lambda step: data.train_batch(seed=q.seed, step=step, batch_size=t.batch_size,
-                                                 grad_accum=t.grad_accum),
-        shard=lambda batch: sharding.shard_batch(batch, mesh, batch_axis=1),
-        evaluate_params=lambda params: loop.evaluate(eval_step, params, val_batches),
-        save=save, writer=writer, last_good_step=checkpointer.latest_step,
-        elapsed_before=float(meta.get("elapsed_s", 0.0)), tokens_seen=int(meta.get("tokens_seen", 0)),
-        nan_hint="lower finetune.optim.lr")
+    try:
+        result = loop.run_loop(
+            state, train_cfg=t, train_step=train_step,
+            host_batch=lambda step: data.train_batch(seed=q.seed, step=step, batch_size=t.batch_size,
+                                                     grad_accum=t.grad_accum),
+            shard=lambda batch: sharding.shard_batch(batch, mesh, batch_axis=1),
+            evaluate_params=lambda params: loop.evaluate(eval_step, params, val_batches),
+            save=save, writer=writer, last_good_step=checkpointer.latest_step,
+            elapsed_before=float(meta.get("elapsed_s", 0.0)), tokens_seen=int(meta.get("tokens_seen", 0)),
+            nan_hint="lower finetune.optim.lr", fitted_steps=fitted_steps, refit=refit,
+            # The final pass over every validation example, in periodic evaluations (MathQA scoring not counted).
+            final_eval_scale=-(-len(data.val) // t.batch_size) / max(len(val_batches), 1))
+    finally:
+        checkpointer.wait_until_finished()  # an asynchronous save in flight is complete before anything goes on
     state, step_number, stop_reason = result.state, result.step, result.stop_reason
     summary: dict[str, Any] = {"step": step_number, "train": result.train, "val": result.val}
     if result.interrupted:
@@ -190,6 +203,12 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
     writer.close()
     checkpointer.close()
     return summary
+
+
+def build_train_step(config, mesh):
+    """The compiled train step of the stage config: `build`'s model, optimizer and schedule (over train.steps)."""
+    model, optimizer, schedule = build(config)
+    return step_lib.compile_train_step(step_lib.make_train_step(model, optimizer, schedule, config, mesh), mesh)
 
 
 def _fresh_state(model, optimizer, config) -> step_lib.TrainState:

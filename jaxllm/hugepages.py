@@ -8,7 +8,9 @@ for transparent huge pages for those mappings, 512 times fewer faults. A tunable
 the process starts, so the command-line entry points (`python -m jaxllm.train`, scripts/bench*.py) call
 `reexec_with_huge_pages()` first thing, which starts the same command again with the tunable set.
 `JAXLLM_HUGEPAGES=0` turns this off; it is a no-op where it cannot help (not Linux/glibc, an old glibc,
-THP disabled) and when the tunable is already set.
+THP disabled), when the tunable is already set, and when JAX will not run on the CPU: JAX_PLATFORMS names
+another platform first, or (JAX_PLATFORMS unset or not starting with cpu) an accelerator is visible. That is
+decided from the environment and device files alone, before JAX is imported, so no backend starts twice.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 THP_SETTING = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+# Device files that mean JAX will pick an accelerator: NVIDIA GPUs, AMD GPUs (ROCm), TPUs (v4: accel, v5e+:
+# vfio). A false positive only skips this CPU lever.
+ACCELERATOR_FILES = ("/dev/nvidia0", "/proc/driver/nvidia/gpus", "/dev/kfd", "/dev/accel0", "/dev/vfio/0")
 
 
 def _glibc_version() -> tuple[int, ...]:
@@ -38,14 +43,28 @@ def _thp_mode() -> str:
     return text[text.find("[") + 1:text.find("]")] if "[" in text else ""
 
 
+def accelerator_visible() -> bool:
+    """Whether a GPU or TPU device file exists (what JAX would use instead of the CPU)."""
+    return any(pathlib.Path(path).exists() for path in ACCELERATOR_FILES)
+
+
+def runs_on_cpu(environ: dict[str, str], accelerator: bool) -> bool:
+    """Whether JAX will compute on the CPU: JAX_PLATFORMS' first entry, else no visible `accelerator`."""
+    first = environ.get("JAX_PLATFORMS", "").split(",")[0].strip().lower()
+    return first == "cpu" if first else not accelerator
+
+
 def environment_with_huge_pages(environ: dict[str, str], glibc: tuple[int, ...], thp_mode: str,
-                                system: str = "Linux") -> dict[str, str] | None:
+                                system: str = "Linux", accelerator: bool = False) -> dict[str, str] | None:
     """The environment to re-run the process in, or None when there is nothing to do.
 
     None when switched off (JAXLLM_HUGEPAGES=0), already done (the tunable set, or JAXLLM_HUGEPAGES=1 from
-    an earlier re-run), or pointless (not Linux, glibc older than 2.35, THP off or unknown).
+    an earlier re-run), pointless (not Linux, glibc older than 2.35, THP off or unknown), or when JAX will
+    not run on the CPU (`runs_on_cpu`; `accelerator`: a GPU/TPU device file exists).
     """
     if environ.get("JAXLLM_HUGEPAGES") in ("0", "1") or TUNABLE in environ.get("GLIBC_TUNABLES", ""):
+        return None
+    if not runs_on_cpu(environ, accelerator):
         return None
     if system != "Linux" or glibc < (2, 35) or thp_mode not in ("always", "madvise"):
         return None
@@ -58,7 +77,8 @@ def reexec_with_huge_pages() -> None:
 
     Call it only from a command-line entry point, before it has printed or started anything.
     """
-    environ = environment_with_huge_pages(dict(os.environ), _glibc_version(), _thp_mode(), platform.system())
+    environ = environment_with_huge_pages(dict(os.environ), _glibc_version(), _thp_mode(), platform.system(),
+                                          accelerator_visible())
     if environ is None:
         return
     sys.stdout.flush()

@@ -93,7 +93,8 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     data_dir = prepare(config.data, tokenizer, progress=t.progress)
     mesh = sharding.make_mesh(t.num_devices)
     check_batch_layout(config, mesh)
-    checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
+    checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints,
+                                               async_save=checkpoint_lib.use_async(t.async_checkpoint))
     latest = checkpointer.latest_step()
     if latest is not None:
         checkpointer.check_compatible(latest, m)
@@ -107,9 +108,7 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     batches_lib.train_batch(train_tokens, seed=config.data.seed, step=0, batch_size=1, seq_len=L)  # length check
 
     model = models.build_model(m, config.moe)
-    optimizer = optim.make_optimizer(config)
-    schedule = optim.make_schedule(config)
-    train_step = step_lib.compile_train_step(step_lib.make_train_step(model, optimizer, schedule, config, mesh), mesh)
+    optimizer = optim.make_optimizer(config)  # its state's structure does not depend on train.steps
     eval_step = step_lib.make_eval_step(model, config, mesh)
 
     replicated = sharding.replicated(mesh)
@@ -120,14 +119,22 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
         abstract = step_lib.abstract_state(model, optimizer, config)
         state, meta = checkpointer.restore(latest, abstract, jax.tree.map(lambda _: replicated, abstract))
     start_step = int(jax.device_get(state.step))
-    (workdir / "config.json").write_text(config_lib.to_json(config))
+    # fit_steps_to_budget: a resume keeps the step count its run fitted (the schedule it trained with).
+    fitted_steps = meta.get("fitted_steps") if t.fit_steps_to_budget else None
+
+    def refit(steps: int):
+        """The train step for a schedule of `steps` steps, recorded in config.json (train.steps)."""
+        (workdir / "config.json").write_text(config_lib.to_json(config_lib.with_train_steps(config, steps)))
+        return build_train_step(config_lib.with_train_steps(config, steps), model, mesh)
+
+    train_step = refit(fitted_steps or t.steps)
     writer = MetricsWriter(workdir, resume_step=latest)
 
     tokens_per_step = B * K * L
 
-    def save(step_number: int, state, tokens_seen: int, elapsed_s: float) -> None:
+    def save(step_number: int, state, loop_meta: dict[str, Any]) -> None:
         checkpointer.save(step_number, state, {
-            "step": step_number, "tokens_seen": tokens_seen, "elapsed_s": elapsed_s,
+            "step": step_number, **loop_meta,
             "model_shape": checkpoint_lib.shape_signature(m), "moe_shape": moe_shape_signature(config)})
 
     def host_batch(step_number: int) -> dict[str, np.ndarray]:
@@ -135,14 +142,19 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
                                        batch_size=B * K, seq_len=L)
         return {name: array.reshape(K, B, *array.shape[1:]) for name, array in flat.items()}
 
-    result = loop.run_loop(
-        state, train_cfg=t, train_step=train_step, host_batch=host_batch,
-        shard=lambda batch: sharding.shard_batch(batch, mesh, batch_axis=1),
-        evaluate_params=lambda params: loop.evaluate(eval_step, params, eval_batches),
-        save=save, writer=writer, last_good_step=checkpointer.latest_step,
-        elapsed_before=float(meta.get("elapsed_s", 0.0)), tokens_seen=start_step * tokens_per_step,
-        # MFU: model FLOPs per token over peak FLOP/s (a GPU table, or this CPU's matmul measured once).
-        flops_per_token=models.flops_per_token(m, config.moe), peak_flops=hardware.peak_flops(m.dtype, mesh.size)[0])
+    full_eval_batches = -(-batches_lib.num_windows(len(val_tokens), L) // B) if t.full_eval_at_end else 0
+    try:
+        result = loop.run_loop(
+            state, train_cfg=t, train_step=train_step, host_batch=host_batch,
+            shard=lambda batch: sharding.shard_batch(batch, mesh, batch_axis=1),
+            evaluate_params=lambda params: loop.evaluate(eval_step, params, eval_batches),
+            save=save, writer=writer, last_good_step=checkpointer.latest_step,
+            elapsed_before=float(meta.get("elapsed_s", 0.0)), tokens_seen=start_step * tokens_per_step,
+            # MFU: model FLOPs per token over peak FLOP/s (a GPU table, or this CPU's matmul measured once).
+            flops_per_token=models.flops_per_token(m, config.moe), peak_flops=hardware.peak_flops(m.dtype, mesh.size)[0],
+            fitted_steps=fitted_steps, refit=refit, final_eval_scale=full_eval_batches / max(len(eval_batches), 1))
+    finally:
+        checkpointer.wait_until_finished()  # an asynchronous save in flight is complete before anything goes on
     state, step_number, stop_reason = result.state, result.step, result.stop_reason
 
     if result.interrupted:
@@ -163,6 +175,13 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     writer.close()
     checkpointer.close()
     return summary
+
+
+def build_train_step(config, model, mesh):
+    """The compiled train step of `config`: optimizer and schedule from config.optim, over config.train.steps."""
+    optimizer = optim.make_optimizer(config)
+    step = step_lib.make_train_step(model, optimizer, optim.make_schedule(config), config, mesh)
+    return step_lib.compile_train_step(step, mesh)
 
 
 def run_stages(config, workdir: str | pathlib.Path) -> dict[str, Any]:

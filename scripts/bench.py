@@ -12,6 +12,7 @@ one JSON line:
   mfu              tokens_per_s * flops_per_token / peak (jaxllm.hardware: GPU table, or this CPU's matmul)
   peak_memory_mb   device peak bytes in use on GPU, peak host RSS on CPU
   device, jax      where it ran and the jax version
+  input_share      median host batch + device_put time / median step time (the stderr line's share)
 
 Each step is timed to completion (`block_until_ready`), so nothing overlaps across the timed boundary.
 On stderr: the input pipeline's share (host batch + device_put time against step time), to show it
@@ -165,6 +166,7 @@ def bench(config, steps: int = 10, warmup: int = 2) -> dict:
     if not np.isfinite(float(metrics["loss"])):
         raise RuntimeError(f"the benchmark's loss is {float(metrics['loss'])}; the step is broken")
     line = {**summary(config, step_s, compile_s, n_devices), **step_costs(compiled)}
+    line["input_share"] = round(statistics.median(input_s) / statistics.median(step_s), 4)  # host batch + device_put
     _, source = hardware.peak_flops(config.model.dtype, n_devices)
     print(f"input pipeline: median {1e3 * statistics.median(input_s):.2f} ms per batch "
           f"({100 * statistics.median(input_s) / statistics.median(step_s):.2f}% of the step); peak FLOP/s from "

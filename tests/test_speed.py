@@ -196,8 +196,9 @@ def test_bench_prints_the_issue_json_line(capsys):
     line = json.loads(captured.out.strip().splitlines()[-1])
     assert list(line) == ["tokens_per_s", "step_ms", "compile_s", "flops_per_token", "mfu", "peak_memory_mb",
                           "device", "jax", "xla_flops_per_device", "matmul_flops_per_device", "collective_bytes",
-                          "collective_counts"]
+                          "collective_counts", "input_share"]
     assert line["collective_bytes"]["all-reduce"] == 0  # one device: nothing to exchange
+    assert 0 < line["input_share"] <= 1  # the step time includes the batch
     assert set(line["step_ms"]) == {"median", "min", "max"}
     assert line["step_ms"]["min"] <= line["step_ms"]["median"] <= line["step_ms"]["max"]
     assert line["tokens_per_s"] == pytest.approx(4 * 32 / (line["step_ms"]["median"] / 1e3), rel=1e-2)  # step_ms is rounded

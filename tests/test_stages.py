@@ -1,5 +1,7 @@
 """Stages: the fine-tune starts from exactly the pretrained params, resumes exactly, and is not rerun."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
 from jaxllm import finetune as finetune_lib
+from jaxllm import optim
 from jaxllm import step as step_lib
 from jaxllm import train as train_lib
 from jaxllm.metrics import read_metrics
@@ -139,3 +142,22 @@ def test_stage_config_errors():
     c.stages, c.finetune.lora.targets = "pretrain,finetune", "q,x"
     with pytest.raises(config_lib.ConfigError, match="finetune.lora.targets"):
         config_lib.validate(c)
+
+
+def test_finetune_stage_fits_its_steps_to_its_budget(tmp_path, monkeypatch):
+    from test_loop import fake_timing  # 10 fake seconds per train step, 3 per evaluation
+
+    fake_timing(monkeypatch)
+    config = staged_config(tmp_path, **{"finetune.train.steps": 40, "finetune.train.max_duration_s": 300.0,
+                                        "finetune.train.fit_steps_to_budget": True, "finetune.train.eval_every": 10,
+                                        "finetune.train.checkpoint_every": 4, "mathqa.eval_shots": ""})
+    summary = train_lib.run_stages(config, tmp_path / "run")
+    stage = tmp_path / "run" / "finetune"
+    fitted = json.loads((stage / "config.json").read_text())["train"]["steps"]
+    assert 7 < fitted < 40 and summary["finetune"]["step"] == fitted and "stopped" not in summary["finetune"]
+    checkpointer = checkpoint_lib.Checkpointer(stage / "checkpoints")
+    assert checkpointer.read_meta(fitted)["fitted_steps"] == fitted
+    checkpointer.close()
+    stage_cfg = config_lib.with_train_steps(config_lib.stage_config(config, "finetune"), fitted)
+    last = rows(stage, "train")[-1]
+    assert last["step"] == fitted and last["lr"] == float(optim.make_schedule(stage_cfg)(fitted - 1))
