@@ -28,6 +28,7 @@ class Block(nn.Module):
     dropout: float
     dtype: Dtype
     param_dtype: Dtype
+    attention: str = "jaxllm"  # the attention kernel (models/attention.py), already resolved
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -35,7 +36,8 @@ class Block(nn.Module):
         norm = dict(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         attn = layers.CausalSelfAttention(
             n_head=self.n_head, n_kv_head=self.n_head, init_std=self.init_std, out_std=out_std,
-            use_rope=False, dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")
+            use_rope=False, dropout=self.dropout, attention=self.attention, dtype=self.dtype,
+            param_dtype=self.param_dtype, name="attn")
         mlp = layers.GeluMLP(hidden=self.mlp_hidden, init_std=self.init_std, out_std=out_std, dtype=self.dtype,
                              param_dtype=self.param_dtype, name="mlp")
         h_BxLxD = attn(layers.LayerNorm(**norm, name="ln_1")(x_BxLxD), deterministic)
@@ -63,6 +65,7 @@ class GPT2(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: str = "none"
+    attention: str = "jaxllm"  # "jaxllm", "xla" or "cudnn" (models/attention.py)
 
     @nn.compact
     def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True,
@@ -78,8 +81,8 @@ class GPT2(nn.Module):
         for i in range(self.n_layer):
             x_BxLxD = block_cls(n_layer=self.n_layer, n_head=self.n_head, mlp_hidden=self.mlp_hidden,
                                 norm_eps=self.norm_eps, init_std=self.init_std, dropout=self.dropout,
-                                dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{i}")(
-                                    x_BxLxD, deterministic)
+                                dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention,
+                                name=f"blocks_{i}")(x_BxLxD, deterministic)
         x_BxLxD = layers.LayerNorm(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                                    name="ln_f")(x_BxLxD)
         if return_hidden:  # the fused LM head + loss (loss.chunked_cross_entropy) takes it from here

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxllm.models import attention as attention_lib
 from jaxllm.models import primitives
 
 Dtype = Any
@@ -152,8 +153,9 @@ class CausalSelfAttention(nn.Module):
     """Causal multi-head (or grouped-query) self-attention, optionally with RoPE on queries and keys.
 
     Projections q [D, H*K], k and v [D, G*K], o [H*K, D], all bias-free. Each of the G key/value heads
-    serves R = H/G consecutive query heads. Scores use scale 1/sqrt(K) and a float32 softmax
-    (`primitives.causal_attention`); attention dropout, when on, drops probabilities after the softmax.
+    serves R = H/G consecutive query heads. Scores use scale 1/sqrt(K) and a float32 softmax; `attention`
+    names the kernel (models/attention.py: "jaxllm", "xla" or "cudnn", already resolved from the config's
+    request); attention dropout, when on, drops probabilities after the softmax (jaxllm only).
     """
 
     n_head: int
@@ -163,6 +165,7 @@ class CausalSelfAttention(nn.Module):
     use_rope: bool = False
     rope_theta: float = 10000.0
     dropout: float = 0.0
+    attention: str = "jaxllm"  # the kernel: attention_lib.attention_impl's answer, never "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -182,7 +185,8 @@ class CausalSelfAttention(nn.Module):
         keep_BxHxLxL = None
         if self.dropout > 0 and not deterministic:
             keep_BxHxLxL = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout, (b, h, l, l))
-        out_BxLxHxK = primitives.causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, keep_BxHxLxL, self.dropout)
+        out_BxLxHxK = attention_lib.causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, self.attention,
+                                                     keep_BxHxLxL, self.dropout)
         return proj(d, self.out_std, name="o")(out_BxLxHxK.reshape(b, l, h * k))
 
 

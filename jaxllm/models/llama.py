@@ -33,6 +33,7 @@ class Block(nn.Module):
     dtype: Dtype
     param_dtype: Dtype
     moe: MoESpec | None = None  # set: the MLP is a mixture of SwiGLU experts (models/moe.py)
+    attention: str = "jaxllm"  # the attention kernel (models/attention.py), already resolved
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -40,8 +41,8 @@ class Block(nn.Module):
         norm = dict(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         attn = layers.CausalSelfAttention(
             n_head=self.n_head, n_kv_head=self.n_kv_head, init_std=self.init_std, out_std=out_std,
-            use_rope=True, rope_theta=self.rope_theta, dropout=self.dropout, dtype=self.dtype,
-            param_dtype=self.param_dtype, name="attn")
+            use_rope=True, rope_theta=self.rope_theta, dropout=self.dropout, attention=self.attention,
+            dtype=self.dtype, param_dtype=self.param_dtype, name="attn")
         if self.moe is None:
             mlp = layers.SwiGLU(hidden=self.mlp_hidden, init_std=self.init_std, out_std=out_std, dtype=self.dtype,
                                 param_dtype=self.param_dtype, name="mlp")
@@ -60,6 +61,8 @@ class Llama(nn.Module):
     """tokens int32 [B, L] -> logits float32 [B, L, V]; n_kv_head key/value heads (= n_head: plain MHA).
 
     With `return_hidden=True`: the final-norm hidden states [B, L, D] in the compute dtype instead.
+    `attention` is the resolved attention kernel (models/attention.py; `models.build_model` resolves the
+    config's request).
     """
 
     vocab_size: int
@@ -77,6 +80,7 @@ class Llama(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: str = "none"
     moe: MoESpec | None = None  # mixture-of-experts MLPs in the layers moe.is_moe_layer(i) selects
+    attention: str = "jaxllm"  # "jaxllm", "xla" or "cudnn" (models/attention.py)
 
     @nn.compact
     def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True,
@@ -91,7 +95,7 @@ class Llama(nn.Module):
                                 init_std=self.init_std, dropout=self.dropout, dtype=self.dtype,
                                 param_dtype=self.param_dtype,
                                 moe=self.moe if self.moe is not None and self.moe.is_moe_layer(i) else None,
-                                name=f"blocks_{i}")(x_BxLxD, deterministic)
+                                attention=self.attention, name=f"blocks_{i}")(x_BxLxD, deterministic)
         x_BxLxD = layers.RMSNorm(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                                  name="norm_f")(x_BxLxD)
         if return_hidden:  # the fused LM head + loss (loss.chunked_cross_entropy) takes it from here
