@@ -19,12 +19,12 @@ import numpy as np
 from jaxllm.config import ConfigError
 from jaxllm.models import attention as attention_lib
 from jaxllm.models.gpt2 import GPT2
-from jaxllm.models.layers import mlp_hidden
+from jaxllm.models.layers import mlp_hidden, residual_dtype
 from jaxllm.models.llama import Llama
 from jaxllm.models.moe import MoESpec
 
 __all__ = ["GPT2", "Llama", "build_model", "count_params", "param_count", "active_param_count", "flops_per_token",
-           "mlp_hidden", "lm_head_matrix"]
+           "mlp_hidden", "residual_dtype", "lm_head_matrix"]
 
 
 def build_model(model_cfg, moe_cfg=None) -> nn.Module:
@@ -43,7 +43,7 @@ def build_model(model_cfg, moe_cfg=None) -> nn.Module:
     common = dict(vocab_size=m.vocab_size, n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head,
                   mlp_hidden=mlp_hidden(m), norm_eps=m.norm_eps, init_std=m.init_std, dropout=m.dropout,
                   tie_embeddings=m.tie_embeddings, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
-                  remat=m.remat, attention=attention)
+                  remat=m.remat, attention=attention, residual_dtype=residual_dtype(m))
     if m.name == "gpt2":
         if moe is not None:
             raise ValueError("mixture-of-experts MLPs are for llama; set moe.n_experts=0 for gpt2")

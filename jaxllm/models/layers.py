@@ -1,8 +1,11 @@
 """The building blocks both models share: norms, RoPE, causal attention, MLPs, remat and the LM head.
 
 Dtype policy (the same in every block): parameters are stored in `param_dtype` (float32); matmuls run in
-the compute `dtype` (float32 or bfloat16); norms, RoPE angles and the attention softmax are computed in
-float32 and cast back to `dtype`; logits are float32.
+the compute `dtype` (float32 or bfloat16) with float32 accumulation; norms, RoPE angles and the attention
+softmax are computed in float32 and cast back to `dtype`; logits are float32. The residual stream between
+blocks is carried in the models' `residual_dtype` (float32 by default, as PyTorch autocast keeps it, even
+under bf16 compute): the embedding rows enter it in that dtype, each block adds its attention and MLP
+outputs to it in that dtype, and the norms read it and hand the matmuls the compute dtype.
 
 Shape letters: B batch, L query positions, M key positions, D model width, H query heads, G key/value
 heads, R query heads per key/value head (H = G * R), K head size, F MLP hidden width, V vocabulary.
@@ -34,6 +37,14 @@ def normal(std: float) -> nn.initializers.Initializer:
 def residual_std(init_std: float, n_layer: int) -> float:
     """Std of the projections that write into the residual stream: init_std / sqrt(2 * n_layer)."""
     return init_std / math.sqrt(2 * n_layer)
+
+
+def residual_dtype(model_cfg) -> jnp.dtype:
+    """The residual stream's dtype for a `model` config section: float32 for `residual_dtype="float32"`
+    (the default, and what configs saved before the field existed get), the compute dtype for "compute"."""
+    if model_cfg.get("residual_dtype", "float32") == "compute":
+        return jnp.dtype(model_cfg.dtype)
+    return jnp.dtype(jnp.float32)
 
 
 def mlp_hidden(model_cfg) -> int:

@@ -20,7 +20,12 @@ Dtype = Any
 
 
 class Block(nn.Module):
-    """x + attn(rmsnorm(x)), then x + swiglu(rmsnorm(x)); [B, L, D] -> [B, L, D] in the compute dtype."""
+    """x + attn(rmsnorm(x)), then x + swiglu(rmsnorm(x)); [B, L, D] -> [B, L, D] in `residual_dtype`.
+
+    The norms read the stream and emit the compute dtype for the matmuls; the attention and MLP outputs
+    (compute dtype) are cast to `residual_dtype` before they are added, so a float32 stream under bf16
+    compute accumulates every layer's update in float32, as PyTorch autocast does.
+    """
 
     n_layer: int
     n_head: int
@@ -34,6 +39,7 @@ class Block(nn.Module):
     param_dtype: Dtype
     moe: MoESpec | None = None  # set: the MLP is a mixture of SwiGLU experts (models/moe.py)
     attention: str = "jaxllm"  # the attention kernel (models/attention.py), already resolved
+    residual_dtype: Dtype = jnp.float32  # the dtype of the stream x the block reads and returns
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -51,9 +57,11 @@ class Block(nn.Module):
                                  init_std=self.init_std, out_std=out_std, renormalize=self.moe.renormalize,
                                  mode=self.moe.mode, capacity_factor=self.moe.capacity_factor, dtype=self.dtype,
                                  param_dtype=self.param_dtype, name="mlp")
+        x_BxLxD = x_BxLxD.astype(self.residual_dtype)
         h_BxLxD = attn(layers.RMSNorm(**norm, name="attn_norm")(x_BxLxD), deterministic)
+        h_BxLxD = h_BxLxD.astype(self.residual_dtype)
         x_BxLxD = x_BxLxD + nn.Dropout(self.dropout)(h_BxLxD, deterministic=deterministic)
-        h_BxLxD = mlp(layers.RMSNorm(**norm, name="mlp_norm")(x_BxLxD))
+        h_BxLxD = mlp(layers.RMSNorm(**norm, name="mlp_norm")(x_BxLxD)).astype(self.residual_dtype)
         return x_BxLxD + nn.Dropout(self.dropout)(h_BxLxD, deterministic=deterministic)
 
 
@@ -61,8 +69,8 @@ class Llama(nn.Module):
     """tokens int32 [B, L] -> logits float32 [B, L, V]; n_kv_head key/value heads (= n_head: plain MHA).
 
     With `return_hidden=True`: the final-norm hidden states [B, L, D] in the compute dtype instead.
-    `attention` is the resolved attention kernel (models/attention.py; `models.build_model` resolves the
-    config's request).
+    The residual stream between blocks is `residual_dtype` (layers.py's dtype policy); `attention` is the
+    resolved attention kernel (models/attention.py; `models.build_model` resolves the config's request).
     """
 
     vocab_size: int
@@ -81,11 +89,12 @@ class Llama(nn.Module):
     remat: str = "none"
     moe: MoESpec | None = None  # mixture-of-experts MLPs in the layers moe.is_moe_layer(i) selects
     attention: str = "jaxllm"  # "jaxllm", "xla" or "cudnn" (models/attention.py)
+    residual_dtype: Dtype = jnp.float32  # the residual stream's dtype: float32 (the reference) or `dtype`
 
     @nn.compact
     def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True,
                  return_hidden: bool = False) -> jax.Array:
-        embed = layers.Embed(self.vocab_size, self.n_embd, std=self.init_std, dtype=self.dtype,
+        embed = layers.Embed(self.vocab_size, self.n_embd, std=self.init_std, dtype=self.residual_dtype,
                              param_dtype=self.param_dtype, name="embed")
         x_BxLxD = nn.Dropout(self.dropout)(embed(tokens_BxL), deterministic=deterministic)
         block_cls = layers.remat_block(Block, self.remat)
@@ -95,7 +104,8 @@ class Llama(nn.Module):
                                 init_std=self.init_std, dropout=self.dropout, dtype=self.dtype,
                                 param_dtype=self.param_dtype,
                                 moe=self.moe if self.moe is not None and self.moe.is_moe_layer(i) else None,
-                                attention=self.attention, name=f"blocks_{i}")(x_BxLxD, deterministic)
+                                attention=self.attention, residual_dtype=self.residual_dtype,
+                                name=f"blocks_{i}")(x_BxLxD, deterministic)
         x_BxLxD = layers.RMSNorm(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                                  name="norm_f")(x_BxLxD)
         if return_hidden:  # the fused LM head + loss (loss.chunked_cross_entropy) takes it from here
