@@ -20,6 +20,8 @@ import ml_collections
 MODEL_NAMES = ("llama", "gpt2")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("auto", "cudnn", "xla", "jaxllm")  # jaxllm/models/attention.py: attention_impl
+RESIDUAL_DTYPES = ("float32", "compute")
 DATA_SOURCES = ("synthetic", "hub", "local")
 TOKENIZERS = ("gpt2", "byte")
 OPTIMIZERS = ("adamw", "lion", "sgd")
@@ -58,6 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"  # compute dtype: float32 or bfloat16 (norms, softmax, logits, loss stay float32)
     m.param_dtype = "float32"
     m.remat = "none"  # rematerialise each block in the backward pass: none, full, dots (save matmuls)
+    m.attention = "auto"  # auto (CPU: jaxllm; GPU: cudnn where it fits, else xla), cudnn, xla, jaxllm: models/attention.py
+    m.residual_dtype = "float32"  # residual stream: float32 (PyTorch autocast's, even under bf16) or compute (= dtype)
 
     c.moe = e = ml_collections.ConfigDict()  # mixture-of-experts MLPs (llama only; jaxllm/models/moe.py)
     e.n_experts = 0  # experts per MoE layer; 0 = dense model
@@ -312,6 +316,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _choice(m.dtype, DTYPES, "model.dtype")
     _choice(m.param_dtype, DTYPES, "model.param_dtype")
     _choice(m.remat, REMAT_POLICIES, "model.remat")
+    _choice(m.attention, ATTENTION_IMPLS, "model.attention")
+    _choice(m.residual_dtype, RESIDUAL_DTYPES, "model.residual_dtype")
     _choice(d.source, DATA_SOURCES, "data.source")
     _choice(d.tokenizer, TOKENIZERS, "data.tokenizer")
     _choice(o.name, OPTIMIZERS, "optim.name")

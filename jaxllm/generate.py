@@ -3,7 +3,10 @@
 The training model is not changed: decoding runs the llama's math directly on its parameter tree
 (models/llama.py: embed, blocks_i/{attn_norm, attn/{q,k,v,o}, mlp_norm, mlp/{w1,w3,w2}}, norm_f, tied or
 untied head) with the same layers (RMSNorm in float32, RoPE on adjacent pairs at float32 positions,
-grouped-query heads). `forward_cached` processes T new tokens at positions pos..pos+T-1, writing their
+grouped-query heads) and the same dtypes (matmuls in the compute dtype, the residual stream in
+`layers.residual_dtype(model_cfg)`). Its attention is its own einsum over the cache, whatever
+`model.attention` says: a step attends 1 query to S cached positions under a mask, not the square
+causal shape the training kernels take. `forward_cached` processes T new tokens at positions pos..pos+T-1, writing their
 keys and values into a cache of [n_layer, B, S, G, K] arrays and attending to every cached position
 <= its own. The prompt is one call (prefill), then one call per new token inside a `lax.scan`; the whole
 `generate` is jit-compiled for a given prompt length and `max_new_tokens`.
@@ -54,12 +57,13 @@ def forward_cached(params, model_cfg, tokens_BxT: jax.Array, cache: dict, pos: j
     """
     m = model_cfg
     dtype = jnp.dtype(m.dtype)
+    stream = layers.residual_dtype(m)  # the residual stream's dtype, as in the model's blocks
     b, t = tokens_BxT.shape
     h, g = m.n_head, m.n_kv_head or m.n_head
     r, k = h // g, m.n_embd // m.n_head
     size = cache["k"].shape[2]
     embedding_VxD = params["embed"]["embedding"]
-    x_BxTxD = embedding_VxD.astype(dtype)[tokens_BxT]
+    x_BxTxD = embedding_VxD[tokens_BxT].astype(stream)
     positions_T = pos + jnp.arange(t)
     cos, sin = layers.rope_angles(positions_T, k, m.rope_theta)
     # Query at position p sees cached keys at positions <= p (later slots are zeros or stale).
@@ -87,12 +91,12 @@ def forward_cached(params, model_cfg, tokens_BxT: jax.Array, cache: dict, pos: j
         scores = jnp.where(visible_TxS, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         out_BxTxGxRxK = jnp.einsum("bgrts,bsgk->btgrk", probs.astype(dtype), values_BxSxGxK.astype(dtype))
-        x_BxTxD = x_BxTxD + out_BxTxGxRxK.reshape(b, t, h * k) @ a["o"]["kernel"].astype(dtype)
+        x_BxTxD = x_BxTxD + (out_BxTxGxRxK.reshape(b, t, h * k) @ a["o"]["kernel"].astype(dtype)).astype(stream)
         hn = _rmsnorm(x_BxTxD, p["mlp_norm"]["scale"], m.norm_eps, dtype)
         f = p["mlp"]
         gate = hn @ f["w1"]["kernel"].astype(dtype)
         up = hn @ f["w3"]["kernel"].astype(dtype)
-        x_BxTxD = x_BxTxD + (jax.nn.silu(gate) * up) @ f["w2"]["kernel"].astype(dtype)
+        x_BxTxD = x_BxTxD + ((jax.nn.silu(gate) * up) @ f["w2"]["kernel"].astype(dtype)).astype(stream)
     x_BxTxD = _rmsnorm(x_BxTxD, params["norm_f"]["scale"], m.norm_eps, dtype)
     if "lm_head" in params:
         logits = jnp.einsum("btd,dv->btv", x_BxTxD, params["lm_head"]["kernel"].astype(dtype),

@@ -41,6 +41,26 @@ def test_cached_logits_equal_full_forward_logits():
     np.testing.assert_allclose(np.concatenate([first, rest], axis=1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("residual", ["float32", "compute"])
+def test_bf16_cached_logits_follow_the_models_residual_dtype(residual):
+    """Under bf16 compute the cached forward carries the residual stream in the model's residual_dtype: its
+    logits equal the training model's with that setting (0.0 measured) and not the other's (1.8e-3 apart)."""
+    c = config_lib.default_config()
+    c.model.n_layer, c.model.n_embd, c.model.n_head, c.model.vocab_size = 2, 32, 4, 64
+    c.model.dtype, c.model.residual_dtype = "bfloat16", residual
+    model = models.build_model(c.model)
+    tokens = jax.random.randint(jax.random.key(2), (1, 9), 0, 64)
+    params = model.init(jax.random.key(0), tokens)["params"]
+    cache = generate.init_cache(c.model, 1, 12, jnp.bfloat16)
+    first, cache = generate.forward_cached(params, c.model, tokens[:, :6], cache, jnp.int32(0))
+    rest, _ = generate.forward_cached(params, c.model, tokens[:, 6:], cache, jnp.int32(6))
+    cached = np.concatenate([first, rest], axis=1)
+    np.testing.assert_allclose(cached, model.apply({"params": params}, tokens), atol=2e-4)
+    other = c.model.copy_and_resolve_references()
+    other.residual_dtype = "compute" if residual == "float32" else "float32"
+    assert np.abs(cached - models.build_model(other).apply({"params": params}, tokens)).max() > 5e-4
+
+
 def test_sampling_is_seeded_and_respects_top_k():
     c = config_lib.default_config()
     c.model.n_layer, c.model.n_embd, c.model.n_head, c.model.vocab_size = 1, 32, 4, 64

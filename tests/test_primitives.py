@@ -1,6 +1,6 @@
 """The hand-written VJPs of models/primitives.py equal what autodiff of the plain jnp code gives, in float32
-and bf16, with grouped-query heads and attention dropout; and on CPU they, and the fused LM head that uses
-the same row-major copies, keep their dots bf16."""
+and bf16, with grouped-query heads and attention dropout; and on CPU they, the fused LM head that uses
+the same row-major copies, and a whole bf16 model's gradient keep their dots bf16."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxllm import config as config_lib
 from jaxllm import loss as loss_lib
+from jaxllm import models
 from jaxllm.models import primitives
 
 
@@ -139,4 +141,29 @@ def test_fused_head_dots_stay_bf16_on_cpu(chunk):
 
     dots = compiled_dots(jax.grad(loss, argnums=(0, 1)), hidden_BxLxD, embedding_VxD)
     assert len(dots) == 3 * (2 if chunk == 16 else 1)  # the first chunk runs before the loop
+    assert set(dots) == {("bf16", "bf16")}
+
+
+@cpu_only
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("residual", ["float32", "compute"])
+def test_model_gradient_dots_stay_bf16_on_cpu(name, residual):
+    """A whole bf16 model's gradient through the fused head, as the train step takes it: every dot keeps
+    bf16 operands with the float32 residual stream (the default) as with the bf16 one. The float32 stream
+    meets the matmuls only through the norms (bf16 out) and the cotangents the Dense VJPs cast to bf16."""
+    m = config_lib.default_config().model
+    m.update(dict(name=name, n_layer=2, n_embd=64, n_head=4, vocab_size=320, sequence_length=64,
+                  dtype="bfloat16", residual_dtype=residual))
+    model = models.build_model(m)
+    tokens_BxL = jax.random.randint(jax.random.key(1), (2, 64), 0, 320)
+    params = model.init(jax.random.key(0), tokens_BxL)["params"]
+
+    def loss(p):
+        hidden_BxLxD = model.apply({"params": p}, tokens_BxL, return_hidden=True)
+        return loss_lib.chunked_cross_entropy(hidden_BxLxD, models.lm_head_matrix(p, m), tokens_BxL,
+                                              jnp.ones((2, 64)), chunk=64).loss
+
+    dots = compiled_dots(jax.grad(loss), params)
+    # 2 layers x (3 per linear: 7 llama, 6 gpt2; + 6 attention) + 3 head matmuls x 2 chunks (one before the loop)
+    assert len(dots) == (60 if name == "llama" else 54)
     assert set(dots) == {("bf16", "bf16")}

@@ -144,8 +144,9 @@ def test_train_step_with_head_chunk_matches_plain_step():
 
 
 def test_bf16_run_losses_within_tolerance_of_f32(tmp_path):
-    """bf16 matmuls (float32 params, norms, softmax and loss) track the float32 run: every logged train
-    loss of an 8-step tiny run within 0.02 nats."""
+    """bf16 matmuls (float32 params, residual stream, norms, softmax and loss) track the float32 run: every
+    logged train loss of an 8-step tiny run within 0.003 nats (measured 2026-12-02: at most 5.5e-4 with the
+    float32 stream, 3.7e-4 with residual_dtype=compute; both at the noise level of 8 steps)."""
     train_lib.train(small_config(tmp_path), tmp_path / "f32")
     train_lib.train(small_config(tmp_path, **{"model.dtype": "bfloat16", "loss.head_chunk": 64}), tmp_path / "bf16")
     rows = {name: [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["split"] == "train"]
@@ -154,7 +155,7 @@ def test_bf16_run_losses_within_tolerance_of_f32(tmp_path):
     bf16 = np.array([r["loss"] for r in rows["bf16"]])
     assert len(f32) == len(bf16) == 8
     assert f32[-1] < f32[0] - 0.5  # it learns, so the comparison is not between two constants
-    np.testing.assert_allclose(bf16, f32, atol=0.02)
+    np.testing.assert_allclose(bf16, f32, atol=0.003)
     assert not np.array_equal(bf16, f32)  # bf16 really ran
     # The loop logs MFU next to throughput (the first row includes compilation in no interval: nan).
     later = rows["f32"][2:]

@@ -16,23 +16,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.config import ConfigError
+from jaxllm.models import attention as attention_lib
 from jaxllm.models.gpt2 import GPT2
-from jaxllm.models.layers import mlp_hidden
+from jaxllm.models.layers import mlp_hidden, residual_dtype
 from jaxllm.models.llama import Llama
 from jaxllm.models.moe import MoESpec
 
 __all__ = ["GPT2", "Llama", "build_model", "count_params", "param_count", "active_param_count", "flops_per_token",
-           "mlp_hidden", "lm_head_matrix"]
+           "mlp_hidden", "residual_dtype", "lm_head_matrix"]
 
 
 def build_model(model_cfg, moe_cfg=None) -> nn.Module:
-    """The module described by the `model` config section (`name` is "gpt2" or "llama") and `moe` section."""
+    """The module described by the `model` config section (`name` is "gpt2" or "llama") and `moe` section.
+
+    `model.attention` is resolved here, once, for this process's backend (models/attention.py): the module
+    holds the chosen kernel as a static string. A request the hardware cannot honour ("cudnn" on a CPU, in
+    float32, ...) raises ConfigError here, before anything is compiled.
+    """
     m = model_cfg
     moe = MoESpec.from_config(moe_cfg)
+    try:
+        attention = attention_lib.resolve(m)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     common = dict(vocab_size=m.vocab_size, n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head,
                   mlp_hidden=mlp_hidden(m), norm_eps=m.norm_eps, init_std=m.init_std, dropout=m.dropout,
                   tie_embeddings=m.tie_embeddings, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
-                  remat=m.remat)
+                  remat=m.remat, attention=attention, residual_dtype=residual_dtype(m))
     if m.name == "gpt2":
         if moe is not None:
             raise ValueError("mixture-of-experts MLPs are for llama; set moe.n_experts=0 for gpt2")

@@ -18,7 +18,11 @@ Dtype = Any
 
 
 class Block(nn.Module):
-    """x + attn(ln_1(x)), then x + mlp(ln_2(x)); [B, L, D] -> [B, L, D] in the compute dtype."""
+    """x + attn(ln_1(x)), then x + mlp(ln_2(x)); [B, L, D] -> [B, L, D] in `residual_dtype`.
+
+    As llama's block: norms emit the compute dtype for the matmuls, and the attention and MLP outputs are
+    cast to `residual_dtype` before they are added to the stream.
+    """
 
     n_layer: int
     n_head: int
@@ -28,6 +32,8 @@ class Block(nn.Module):
     dropout: float
     dtype: Dtype
     param_dtype: Dtype
+    attention: str = "jaxllm"  # the attention kernel (models/attention.py), already resolved
+    residual_dtype: Dtype = jnp.float32  # the dtype of the stream x the block reads and returns
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -35,12 +41,15 @@ class Block(nn.Module):
         norm = dict(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         attn = layers.CausalSelfAttention(
             n_head=self.n_head, n_kv_head=self.n_head, init_std=self.init_std, out_std=out_std,
-            use_rope=False, dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")
+            use_rope=False, dropout=self.dropout, attention=self.attention, dtype=self.dtype,
+            param_dtype=self.param_dtype, name="attn")
         mlp = layers.GeluMLP(hidden=self.mlp_hidden, init_std=self.init_std, out_std=out_std, dtype=self.dtype,
                              param_dtype=self.param_dtype, name="mlp")
+        x_BxLxD = x_BxLxD.astype(self.residual_dtype)
         h_BxLxD = attn(layers.LayerNorm(**norm, name="ln_1")(x_BxLxD), deterministic)
+        h_BxLxD = h_BxLxD.astype(self.residual_dtype)
         x_BxLxD = x_BxLxD + nn.Dropout(self.dropout)(h_BxLxD, deterministic=deterministic)
-        h_BxLxD = mlp(layers.LayerNorm(**norm, name="ln_2")(x_BxLxD))
+        h_BxLxD = mlp(layers.LayerNorm(**norm, name="ln_2")(x_BxLxD)).astype(self.residual_dtype)
         return x_BxLxD + nn.Dropout(self.dropout)(h_BxLxD, deterministic=deterministic)
 
 
@@ -48,6 +57,7 @@ class GPT2(nn.Module):
     """tokens int32 [B, L] (L <= sequence_length) -> logits float32 [B, L, V].
 
     With `return_hidden=True`: the final-norm hidden states [B, L, D] in the compute dtype instead.
+    The residual stream (token + position embeddings, then each block's updates) is `residual_dtype`.
     """
 
     vocab_size: int
@@ -63,14 +73,16 @@ class GPT2(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: str = "none"
+    attention: str = "jaxllm"  # "jaxllm", "xla" or "cudnn" (models/attention.py)
+    residual_dtype: Dtype = jnp.float32  # the residual stream's dtype: float32 (the reference) or `dtype`
 
     @nn.compact
     def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True,
                  return_hidden: bool = False) -> jax.Array:
         l = tokens_BxL.shape[1]
-        embed = layers.Embed(self.vocab_size, self.n_embd, std=self.init_std, dtype=self.dtype,
+        embed = layers.Embed(self.vocab_size, self.n_embd, std=self.init_std, dtype=self.residual_dtype,
                              param_dtype=self.param_dtype, name="embed")
-        pos_embed = layers.Embed(self.sequence_length, self.n_embd, std=self.init_std, dtype=self.dtype,
+        pos_embed = layers.Embed(self.sequence_length, self.n_embd, std=self.init_std, dtype=self.residual_dtype,
                                  param_dtype=self.param_dtype, name="pos_embed")
         x_BxLxD = embed(tokens_BxL) + pos_embed(jnp.arange(l))[None]
         x_BxLxD = nn.Dropout(self.dropout)(x_BxLxD, deterministic=deterministic)
@@ -78,8 +90,8 @@ class GPT2(nn.Module):
         for i in range(self.n_layer):
             x_BxLxD = block_cls(n_layer=self.n_layer, n_head=self.n_head, mlp_hidden=self.mlp_hidden,
                                 norm_eps=self.norm_eps, init_std=self.init_std, dropout=self.dropout,
-                                dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{i}")(
-                                    x_BxLxD, deterministic)
+                                dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention,
+                                residual_dtype=self.residual_dtype, name=f"blocks_{i}")(x_BxLxD, deterministic)
         x_BxLxD = layers.LayerNorm(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                                    name="ln_f")(x_BxLxD)
         if return_hidden:  # the fused LM head + loss (loss.chunked_cross_entropy) takes it from here

@@ -1,8 +1,11 @@
 """The building blocks both models share: norms, RoPE, causal attention, MLPs, remat and the LM head.
 
 Dtype policy (the same in every block): parameters are stored in `param_dtype` (float32); matmuls run in
-the compute `dtype` (float32 or bfloat16); norms, RoPE angles and the attention softmax are computed in
-float32 and cast back to `dtype`; logits are float32.
+the compute `dtype` (float32 or bfloat16) with float32 accumulation; norms, RoPE angles and the attention
+softmax are computed in float32 and cast back to `dtype`; logits are float32. The residual stream between
+blocks is carried in the models' `residual_dtype` (float32 by default, as PyTorch autocast keeps it, even
+under bf16 compute): the embedding rows enter it in that dtype, each block adds its attention and MLP
+outputs to it in that dtype, and the norms read it and hand the matmuls the compute dtype.
 
 Shape letters: B batch, L query positions, M key positions, D model width, H query heads, G key/value
 heads, R query heads per key/value head (H = G * R), K head size, F MLP hidden width, V vocabulary.
@@ -19,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxllm.models import attention as attention_lib
 from jaxllm.models import primitives
 
 Dtype = Any
@@ -33,6 +37,14 @@ def normal(std: float) -> nn.initializers.Initializer:
 def residual_std(init_std: float, n_layer: int) -> float:
     """Std of the projections that write into the residual stream: init_std / sqrt(2 * n_layer)."""
     return init_std / math.sqrt(2 * n_layer)
+
+
+def residual_dtype(model_cfg) -> jnp.dtype:
+    """The residual stream's dtype for a `model` config section: float32 for `residual_dtype="float32"`
+    (the default, and what configs saved before the field existed get), the compute dtype for "compute"."""
+    if model_cfg.get("residual_dtype", "float32") == "compute":
+        return jnp.dtype(model_cfg.dtype)
+    return jnp.dtype(jnp.float32)
 
 
 def mlp_hidden(model_cfg) -> int:
@@ -152,8 +164,9 @@ class CausalSelfAttention(nn.Module):
     """Causal multi-head (or grouped-query) self-attention, optionally with RoPE on queries and keys.
 
     Projections q [D, H*K], k and v [D, G*K], o [H*K, D], all bias-free. Each of the G key/value heads
-    serves R = H/G consecutive query heads. Scores use scale 1/sqrt(K) and a float32 softmax
-    (`primitives.causal_attention`); attention dropout, when on, drops probabilities after the softmax.
+    serves R = H/G consecutive query heads. Scores use scale 1/sqrt(K) and a float32 softmax; `attention`
+    names the kernel (models/attention.py: "jaxllm", "xla" or "cudnn", already resolved from the config's
+    request); attention dropout, when on, drops probabilities after the softmax (jaxllm only).
     """
 
     n_head: int
@@ -163,6 +176,7 @@ class CausalSelfAttention(nn.Module):
     use_rope: bool = False
     rope_theta: float = 10000.0
     dropout: float = 0.0
+    attention: str = "jaxllm"  # the kernel: attention_lib.attention_impl's answer, never "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -182,7 +196,8 @@ class CausalSelfAttention(nn.Module):
         keep_BxHxLxL = None
         if self.dropout > 0 and not deterministic:
             keep_BxHxLxL = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout, (b, h, l, l))
-        out_BxLxHxK = primitives.causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, keep_BxHxLxL, self.dropout)
+        out_BxLxHxK = attention_lib.causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, self.attention,
+                                                     keep_BxHxLxL, self.dropout)
         return proj(d, self.out_std, name="o")(out_BxLxHxK.reshape(b, l, h * k))
 
 

@@ -20,7 +20,12 @@ Dtype = Any
 
 
 class Block(nn.Module):
-    """x + attn(rmsnorm(x)), then x + swiglu(rmsnorm(x)); [B, L, D] -> [B, L, D] in the compute dtype."""
+    """x + attn(rmsnorm(x)), then x + swiglu(rmsnorm(x)); [B, L, D] -> [B, L, D] in `residual_dtype`.
+
+    The norms read the stream and emit the compute dtype for the matmuls; the attention and MLP outputs
+    (compute dtype) are cast to `residual_dtype` before they are added, so a float32 stream under bf16
+    compute accumulates every layer's update in float32, as PyTorch autocast does.
+    """
 
     n_layer: int
     n_head: int
@@ -33,6 +38,8 @@ class Block(nn.Module):
     dtype: Dtype
     param_dtype: Dtype
     moe: MoESpec | None = None  # set: the MLP is a mixture of SwiGLU experts (models/moe.py)
+    attention: str = "jaxllm"  # the attention kernel (models/attention.py), already resolved
+    residual_dtype: Dtype = jnp.float32  # the dtype of the stream x the block reads and returns
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -40,8 +47,8 @@ class Block(nn.Module):
         norm = dict(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         attn = layers.CausalSelfAttention(
             n_head=self.n_head, n_kv_head=self.n_kv_head, init_std=self.init_std, out_std=out_std,
-            use_rope=True, rope_theta=self.rope_theta, dropout=self.dropout, dtype=self.dtype,
-            param_dtype=self.param_dtype, name="attn")
+            use_rope=True, rope_theta=self.rope_theta, dropout=self.dropout, attention=self.attention,
+            dtype=self.dtype, param_dtype=self.param_dtype, name="attn")
         if self.moe is None:
             mlp = layers.SwiGLU(hidden=self.mlp_hidden, init_std=self.init_std, out_std=out_std, dtype=self.dtype,
                                 param_dtype=self.param_dtype, name="mlp")
@@ -50,9 +57,11 @@ class Block(nn.Module):
                                  init_std=self.init_std, out_std=out_std, renormalize=self.moe.renormalize,
                                  mode=self.moe.mode, capacity_factor=self.moe.capacity_factor, dtype=self.dtype,
                                  param_dtype=self.param_dtype, name="mlp")
+        x_BxLxD = x_BxLxD.astype(self.residual_dtype)
         h_BxLxD = attn(layers.RMSNorm(**norm, name="attn_norm")(x_BxLxD), deterministic)
+        h_BxLxD = h_BxLxD.astype(self.residual_dtype)
         x_BxLxD = x_BxLxD + nn.Dropout(self.dropout)(h_BxLxD, deterministic=deterministic)
-        h_BxLxD = mlp(layers.RMSNorm(**norm, name="mlp_norm")(x_BxLxD))
+        h_BxLxD = mlp(layers.RMSNorm(**norm, name="mlp_norm")(x_BxLxD)).astype(self.residual_dtype)
         return x_BxLxD + nn.Dropout(self.dropout)(h_BxLxD, deterministic=deterministic)
 
 
@@ -60,6 +69,8 @@ class Llama(nn.Module):
     """tokens int32 [B, L] -> logits float32 [B, L, V]; n_kv_head key/value heads (= n_head: plain MHA).
 
     With `return_hidden=True`: the final-norm hidden states [B, L, D] in the compute dtype instead.
+    The residual stream between blocks is `residual_dtype` (layers.py's dtype policy); `attention` is the
+    resolved attention kernel (models/attention.py; `models.build_model` resolves the config's request).
     """
 
     vocab_size: int
@@ -77,11 +88,13 @@ class Llama(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: str = "none"
     moe: MoESpec | None = None  # mixture-of-experts MLPs in the layers moe.is_moe_layer(i) selects
+    attention: str = "jaxllm"  # "jaxllm", "xla" or "cudnn" (models/attention.py)
+    residual_dtype: Dtype = jnp.float32  # the residual stream's dtype: float32 (the reference) or `dtype`
 
     @nn.compact
     def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True,
                  return_hidden: bool = False) -> jax.Array:
-        embed = layers.Embed(self.vocab_size, self.n_embd, std=self.init_std, dtype=self.dtype,
+        embed = layers.Embed(self.vocab_size, self.n_embd, std=self.init_std, dtype=self.residual_dtype,
                              param_dtype=self.param_dtype, name="embed")
         x_BxLxD = nn.Dropout(self.dropout)(embed(tokens_BxL), deterministic=deterministic)
         block_cls = layers.remat_block(Block, self.remat)
@@ -91,6 +104,7 @@ class Llama(nn.Module):
                                 init_std=self.init_std, dropout=self.dropout, dtype=self.dtype,
                                 param_dtype=self.param_dtype,
                                 moe=self.moe if self.moe is not None and self.moe.is_moe_layer(i) else None,
+                                attention=self.attention, residual_dtype=self.residual_dtype,
                                 name=f"blocks_{i}")(x_BxLxD, deterministic)
         x_BxLxD = layers.RMSNorm(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                                  name="norm_f")(x_BxLxD)
