@@ -7,6 +7,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -97,7 +98,6 @@ def test_loss_comparison_reports_the_worst_step():
 def test_pytest_exit_code_5_counts_as_none_and_a_timeout_is_recorded(tmp_path):
     def record(step):
         log = tmp_path / f"{step.name}.log"
-        import time
         return gpu_check.finish(step, gpu_check.start(step, log), time.perf_counter(), step.timeout_s, log)
 
     no_tests = gpu_check.Step("t", "tests", [sys.executable, "-c", "print('no tests ran'); raise SystemExit(5)"],
