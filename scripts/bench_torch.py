@@ -9,9 +9,21 @@ N(0, 0.02) with residual projections 0.02/sqrt(2n). Step: token-mean cross-entro
 global norm at 1.0, AdamW (lr 1e-3, betas 0.9/0.95, eps 1e-8, weight decay 0.1 on linear weights only).
 Attention is PyTorch's fused `scaled_dot_product_attention(is_causal=True)`, as llm-baselines uses.
 
-Variants: eager or `torch.compile`, float32 or bf16 autocast (float32 params and optimizer, as the
-reference trained). Each prints one JSON line with the keys of scripts/bench.py plus `variant`; MFU is
-against a torch matmul measured in the same run in the variant's dtype (float32 or bf16).
+Variants `<mode>-<dtype>`, dtype `f32` or `bf16` (bf16 autocast; float32 params and optimizer, as the
+reference trained), mode:
+  eager         plain PyTorch;
+  compile       `torch.compile(model)`: forward and its backward compiled (AOTAutograd), then
+                clipping and AdamW run eagerly (llm-baselines' setting);
+  compile-step  the whole step compiled as one function, as jax.jit compiles jaxllm's: `torch.compile` of a
+                `train_step(tokens, targets)` that runs the forward, `loss.backward()`, clipping,
+                `optimizer.step()` and `zero_grad`. Compiled autograd (`torch._dynamo.config.compiled_autograd`)
+                lets dynamo capture the backward inside the function, and dynamo traces the AdamW update
+                (foreach=False, fused=False: inductor writes its own fused kernels; `capturable` is for CUDA
+                graphs and not needed on CPU). What dynamo cannot trace it runs eagerly between compiled
+                graphs (graph breaks), so the step is one Python call, not necessarily one graph.
+Each prints one JSON line with the keys of scripts/bench.py plus `variant` and `loss` (the last timed step's);
+every variant sees the same initial weights and batches, so their losses agree up to bf16 noise. MFU is against
+a torch matmul measured in the same run in the variant's dtype (float32 or bf16).
 """
 
 from __future__ import annotations
@@ -114,41 +126,58 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+MODES = ("eager", "compile", "compile-step")
+
+
 def bench(variant: str, steps: int, warmup: int) -> dict:
-    mode, dtype = variant.split("-")
+    mode, _, dtype = variant.rpartition("-")
+    if mode not in MODES or dtype not in ("f32", "bf16"):
+        raise ValueError(f"unknown variant {variant!r}: expected <{'|'.join(MODES)}>-<f32|bf16>")
     torch.manual_seed(0)
     model = Llama()
     decay = [p for p in model.parameters() if p.dim() == 2 and p is not model.embed.weight]
     no_decay = [p for p in model.parameters() if p.dim() != 2 or p is model.embed.weight]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=1e-3, betas=(0.9, 0.95), eps=1e-8, fused=False)
+                                  lr=1e-3, betas=(0.9, 0.95), eps=1e-8, fused=False,
+                                  foreach=False if mode == "compile-step" else None)
     loss_fn = torch.compile(model) if mode == "compile" else model
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
     generator = torch.Generator().manual_seed(0)
 
-    def step():
-        rows = torch.randint(0, V, (B, L + 1), generator=generator)
+    def train_step(tokens, targets):
         with autocast:
-            loss = loss_fn(rows[:, :-1], rows[:, 1:])
+            loss = loss_fn(tokens, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach()
+
+    if mode == "compile-step":
+        train_step = torch.compile(train_step)
+
+    def step():
+        rows = torch.randint(0, V, (B, L + 1), generator=generator)
+        return train_step(rows[:, :-1], rows[:, 1:])
 
     step_s, compile_s = [], 0.0
-    for i in range(1 + warmup + steps):
-        elapsed = _timed(step)
-        if i == 0:
-            compile_s = elapsed
-        elif i > warmup:
-            step_s.append(elapsed)
+    # Compiled autograd lets dynamo trace loss.backward() into the compiled step; only for that variant.
+    with torch._dynamo.config.patch(compiled_autograd=mode == "compile-step"):
+        for i in range(1 + warmup + steps):
+            start = time.perf_counter()
+            loss = step()
+            elapsed = time.perf_counter() - start
+            if i == 0:
+                compile_s = elapsed
+            elif i > warmup:
+                step_s.append(elapsed)
     median = statistics.median(step_s)
     tokens_per_s = B * L / median
     flops = flops_per_token(model)
     peak = matmul_flops(torch.bfloat16 if dtype == "bf16" else torch.float32)
     return {
         "variant": f"torch {variant}",
+        "loss": round(float(loss), 4),
         "tokens_per_s": round(tokens_per_s, 1),
         "step_ms": {"median": round(1e3 * median, 2), "min": round(1e3 * min(step_s), 2),
                     "max": round(1e3 * max(step_s), 2)},
@@ -165,7 +194,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench_torch.py", description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--variants", default="eager-f32,eager-bf16,compile-f32,compile-bf16")
+    parser.add_argument("--variants", default="eager-f32,eager-bf16,compile-f32,compile-bf16,"
+                                               "compile-step-f32,compile-step-bf16")
     args = parser.parse_args(argv)
     for variant in args.variants.split(","):
         print(json.dumps(bench(variant, args.steps, args.warmup)), flush=True)
