@@ -15,7 +15,9 @@ def test_presets_load_and_validate(name):
 def test_wide_is_the_2024_winner():
     c = config_lib.load_config("configs/wide.py")
     assert (c.model.name, c.model.n_layer, c.model.n_embd, c.model.n_head) == ("llama", 10, 1024, 16)
-    assert (c.train.batch_size, c.train.grad_accum, c.model.sequence_length) == (64, 4, 512)
+    # The reference's 64 x 4 x 512 tokens per step, as micro-batches that fit a 40 GB card.
+    assert (c.train.batch_size * c.train.grad_accum, c.model.sequence_length) == (64 * 4, 512)
+    assert c.train.batch_size * c.train.grad_accum == c.finetune.train.batch_size * c.finetune.train.grad_accum
     assert (c.optim.lr, c.optim.grad_clip, c.optim.schedule, c.train.steps) == (1.25e-3, 1.0, "cos", 10000)
     assert c.data.path == "DKYoon/SlimPajama-6B" and c.train.max_duration_s == 3 * 3600
 
