@@ -314,6 +314,7 @@ def test_one_device_equals_four_devices_with_moe(tmp_path, mode):
     assert max(errors) < 5e-2
 
 
+@pytest.mark.slow  # ~45-90 s here; run with -m slow
 def test_moe_training_is_deterministic_resumable_and_logged(tmp_path, monkeypatch):
     config = moe_config(tmp_path, "capacity")
     # Resuming a killed run reproduces the straight run bit for bit, which also shows the run deterministic.

@@ -82,6 +82,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.slow  # ~40-80 s here; run with -m slow
 def test_killed_finetune_resumes_exactly_and_pretrain_is_not_rerun(tmp_path, monkeypatch):
     train_lib.run_stages(staged_config(tmp_path), tmp_path / "straight")
     original = step_lib.compile_train_step

@@ -85,6 +85,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, monkeypatch):
     assert losses(tmp_path / "resumed", "val") == losses(tmp_path / "straight", "val")
 
 
+@pytest.mark.slow  # ~45-85 s here (resume is also covered by test_resume_after_kill_equals_uninterrupted); run with -m slow
 def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, monkeypatch):
     train_lib.train(tiny_config(tmp_path), tmp_path / "straight")
     with monkeypatch.context() as patch:
