@@ -141,6 +141,7 @@ def kill():
     raise Killed()
 
 
+@pytest.mark.slow  # ~30-60 s here; async saves are off on CPU by default
 def test_async_checkpoints_resume_exactly_and_are_complete(tmp_path, monkeypatch):
     sync_run = tiny_config(tmp_path, **{"train.checkpoint_every": 2, "train.async_checkpoint": "off"})
     async_run = tiny_config(tmp_path, **{"train.checkpoint_every": 2, "train.async_checkpoint": "on"})

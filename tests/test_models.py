@@ -201,7 +201,7 @@ def test_init_statistics(name):
 # --- remat ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, dropout", [("gpt2", 0.0), ("llama", 0.1)])
+@pytest.mark.parametrize("name, dropout", [("gpt2", 0.0), pytest.param("llama", 0.1, marks=pytest.mark.slow)])
 def test_remat_policies_agree(name, dropout):
     """Same logits and gradients with remat none, full and dots; with dropout on, the recomputed blocks
     must draw the same masks. (Dropout's RNG roughly doubles compile time, so one model checks it.)"""
@@ -393,7 +393,7 @@ def test_float32_model_is_unchanged_by_residual_dtype(name):
     jax.tree.map(np.testing.assert_array_equal, results[0], results[1])
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", [pytest.param("gpt2", marks=pytest.mark.slow), "llama"])
 def test_float32_residual_keeps_bfloat16_closer_to_float32(name):
     """A 4-layer bf16 model's log-probabilities vs the float32 model's: the float32 stream (the default)
     stays within 4e-3 nats and, measured, has about half the error of a bf16 stream (llama 2.2e-3 vs

@@ -284,7 +284,7 @@ def _per_device_router_metrics(config, params, batch_KxBxL, num_devices):
     return {name: value / weight for name, value in totals.items()}
 
 
-@pytest.mark.parametrize("mode", moe_lib.MODES)
+@pytest.mark.parametrize("mode", [m if m == "dropless" else pytest.param(m, marks=pytest.mark.slow) for m in moe_lib.MODES])
 def test_one_device_equals_four_devices_with_moe(tmp_path, mode):
     """The sharded step routes each device's tokens on their own, as before; what changed is the router
     statistics: each device computes them over its own rows (per-device load balancing, the load-balance

@@ -228,6 +228,7 @@ def test_cli_errors_are_one_clear_sentence(capsys, tmp_path, args, message):
     assert "Traceback" not in out.err
 
 
+@pytest.mark.slow  # ~30-60 s here (trains a model first)
 def test_checkpoint_of_another_model_shape_is_refused(capsys, tmp_path):
     config = tiny_config(tmp_path, **{"train.steps": 2, "train.checkpoint_every": 2})
     train_lib.train(config, tmp_path / "cli")
