@@ -123,16 +123,19 @@ def test_config_validates_the_attention_field():
 # --- the XLA path equals the measured CPU path ---------------------------------------------------------
 
 
+def random_qkv(b, l, h, g, k, dtype):
+    """Standard-normal q [B, L, H, K] and k, v [B, L, G, K] in `dtype` (fixed seed)."""
+    keys = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(keys[0], (b, l, h, k)).astype(dtype)
+    return (q, *(jax.random.normal(key, (b, l, g, k)).astype(dtype) for key in keys[1:]))
+
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
 def test_xla_attention_matches_jaxllm_attention(dtype, n_kv_head):
     """jax.nn.dot_product_attention's XLA path and primitives.causal_attention: same outputs and gradients,
     grouped-query heads included (query head h uses key/value head h // R in both)."""
     b, l, h, k = 2, 12, 4, 8
-    keys = jax.random.split(jax.random.key(1), 3)
-    q = jax.random.normal(keys[0], (b, l, h, k)).astype(dtype)
-    kk = jax.random.normal(keys[1], (b, l, n_kv_head, k)).astype(dtype)
-    v = jax.random.normal(keys[2], (b, l, n_kv_head, k)).astype(dtype)
+    q, kk, v = random_qkv(b, l, h, n_kv_head, k, dtype)
     xla = vjp_outputs(jax.jit(lambda *a: attention_lib.causal_attention(*a, "xla")), (q, kk, v))
     ours = vjp_outputs(jax.jit(primitives.causal_attention), (q, kk, v))
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == F32 else dict(rtol=2e-2, atol=2e-2)
@@ -228,10 +231,7 @@ def test_cudnn_attention_matches_the_reference_in_bf16(n_kv_head):
     """The kernel alone: output and the q/k/v gradients of a random cotangent, cuDNN on bf16 inputs vs the
     reference attention in float32 on the same (bf16-rounded) values, within bf16 rounding."""
     b, l, h, k = 2, 256, 8, 64
-    keys = jax.random.split(jax.random.key(1), 3)
-    q = jax.random.normal(keys[0], (b, l, h, k)).astype(BF16)
-    kk = jax.random.normal(keys[1], (b, l, n_kv_head, k)).astype(BF16)
-    v = jax.random.normal(keys[2], (b, l, n_kv_head, k)).astype(BF16)
+    q, kk, v = random_qkv(b, l, h, n_kv_head, k, BF16)
     cudnn = vjp_outputs(jax.jit(lambda *a: attention_lib.causal_attention(*a, "cudnn")), (q, kk, v))
     reference = vjp_outputs(jax.jit(primitives.causal_attention), [x.astype(F32) for x in (q, kk, v)])
     for name, got, want in zip(("out", "dq", "dk", "dv"), cudnn, reference):

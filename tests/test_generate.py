@@ -28,17 +28,22 @@ def test_greedy_kv_cache_generation_equals_full_forward_argmax(n_kv_head, tie):
     np.testing.assert_array_equal(out, tokens[:, 5:])
 
 
-def test_cached_logits_equal_full_forward_logits():
-    c = config_lib.default_config()
-    c.model.n_layer, c.model.n_embd, c.model.n_head, c.model.vocab_size = 2, 32, 4, 64
+def _cached_and_full_logits(c, cache_dtype):
+    """(logits of 9 tokens through the KV cache, 6 then 3, the full forward's logits, params, tokens)."""
     model = models.build_model(c.model)
     tokens = jax.random.randint(jax.random.key(2), (1, 9), 0, 64)
     params = model.init(jax.random.key(0), tokens)["params"]
-    cache = generate.init_cache(c.model, 1, 12, jnp.float32)
+    cache = generate.init_cache(c.model, 1, 12, cache_dtype)
     first, cache = generate.forward_cached(params, c.model, tokens[:, :6], cache, jnp.int32(0))
     rest, _ = generate.forward_cached(params, c.model, tokens[:, 6:], cache, jnp.int32(6))
-    full = model.apply({"params": params}, tokens)
-    np.testing.assert_allclose(np.concatenate([first, rest], axis=1), full, atol=1e-5, rtol=1e-5)
+    return np.concatenate([first, rest], axis=1), model.apply({"params": params}, tokens), params, tokens
+
+
+def test_cached_logits_equal_full_forward_logits():
+    c = config_lib.default_config()
+    c.model.n_layer, c.model.n_embd, c.model.n_head, c.model.vocab_size = 2, 32, 4, 64
+    cached, full, _, _ = _cached_and_full_logits(c, jnp.float32)
+    np.testing.assert_allclose(cached, full, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("residual", ["float32", "compute"])
@@ -48,14 +53,8 @@ def test_bf16_cached_logits_follow_the_models_residual_dtype(residual):
     c = config_lib.default_config()
     c.model.n_layer, c.model.n_embd, c.model.n_head, c.model.vocab_size = 2, 32, 4, 64
     c.model.dtype, c.model.residual_dtype = "bfloat16", residual
-    model = models.build_model(c.model)
-    tokens = jax.random.randint(jax.random.key(2), (1, 9), 0, 64)
-    params = model.init(jax.random.key(0), tokens)["params"]
-    cache = generate.init_cache(c.model, 1, 12, jnp.bfloat16)
-    first, cache = generate.forward_cached(params, c.model, tokens[:, :6], cache, jnp.int32(0))
-    rest, _ = generate.forward_cached(params, c.model, tokens[:, 6:], cache, jnp.int32(6))
-    cached = np.concatenate([first, rest], axis=1)
-    np.testing.assert_allclose(cached, model.apply({"params": params}, tokens), atol=2e-4)
+    cached, full, params, tokens = _cached_and_full_logits(c, jnp.bfloat16)
+    np.testing.assert_allclose(cached, full, atol=2e-4)
     other = c.model.copy_and_resolve_references()
     other.residual_dtype = "compute" if residual == "float32" else "float32"
     assert np.abs(cached - models.build_model(other).apply({"params": params}, tokens)).max() > 5e-4
