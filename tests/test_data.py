@@ -226,7 +226,7 @@ def test_prepare_is_idempotent(tmp_path, byte_tok, monkeypatch):
     def must_not_load(_):
         raise AssertionError("prepare re-read the documents of a finished directory")
 
-    monkeypatch.setattr(prepare_lib, "load_splits", must_not_load)
+    monkeypatch.setattr(prepare_lib, "read_documents", must_not_load)
     assert prepare_lib.prepare(cfg, byte_tok, cache_dir=str(tmp_path), progress=False) == directory
     assert (directory / "train.bin").stat().st_mtime_ns == mtime
     other = small_synthetic(synthetic_documents=41)

@@ -5,19 +5,31 @@ documents), exactly the reference's layout. The output directory is
 `<cache>/prepared/<16 hex digits of a hash of (source fingerprint, tokenizer, format version)>` and holds
 
     train.bin, val.bin   np.uint16 [n_tokens] each
-    meta.json            fingerprint, tokenizer name/n_vocab/eot_id, token and document counts per split
+    meta.json            fingerprint, tokenizer name/n_vocab/eot_id, token and document counts per split,
+                         and "problems": the bad rows skipped or repaired, per file and per split
 
-Preparation is atomic: everything is written into `<dir>.tmp-<pid>` (meta.json last) and renamed into place,
-so a killed run leaves nothing that looks finished; a finished directory is reused without re-tokenizing.
+Bad rows never stop preparation: broken JSON lines, rows without the text field or with a non-string
+value, nulls, empty documents are skipped; invalid UTF-8 and lone surrogates are repaired (U+FFFD, "?").
+Each is counted in meta.json's "problems" and summed up in one line on stderr (see sources.py and
+encode.py for the kinds). A file that cannot be read at all (a 0-byte or truncated parquet) is a DataError
+naming it: skipping a whole shard would silently train on less data.
+
+Preparation is atomic: everything is written into `<dir>.tmp-<pid>` (token files front to back, fsynced,
+meta.json last) and renamed into place, so a killed run or a full disk leaves nothing that looks finished;
+a finished directory is reused without re-tokenizing. A full disk is a DataError, and the next run redoes
+the work. Tokenizer workers (data.num_proc) are never forked from this process (see encode.py).
 
 Run alone: `python -m jaxllm.data.prepare --config configs/X.py [--config.data.path=...]`.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
 import hashlib
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -28,28 +40,16 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxllm import tokenizer as tokenizer_lib
-from jaxllm.data.sources import DataError, load_splits, source_fingerprint
+from jaxllm.data import encode, sources
+from jaxllm.data.sources import DataError, read_documents, source_fingerprint
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: empty documents skipped, bad rows counted in meta.json's "problems"
 SPLITS = ("train", "val")
-TOKEN_DTYPE = np.uint16
+REPAIRED_KINDS = encode.REPAIRED + sources.REPAIRED  # kept after repair; every other kind of problem is skipped
+TOKEN_DTYPE = encode.TOKEN_DTYPE
 SMALL_DATASET = 1000  # below this many documents a single process beats the start-up cost of workers
-MAX_SHARDS = 1024  # write in up to this many contiguous chunks (the progress bar's steps)
-
-
-class _EncodeDocuments:
-    """datasets.map function: {"text": [str]} -> {"ids": [[int] + [eot]], "n_tokens": [int]}.
-
-    A class rather than a closure so it pickles for num_proc > 1 and hashes stably for datasets' cache.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def __call__(self, batch: dict) -> dict:
-        eot = self.tokenizer.eot_id
-        ids = [doc + [eot] for doc in self.tokenizer.encode_batch(batch["text"])]
-        return {"ids": ids, "n_tokens": [len(doc) for doc in ids]}
+CHUNK_DOCUMENTS = 1000  # documents per unit of work (and per step of the progress bar)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: over a file size limit (RLIMIT_FSIZE)
 
 
 def fingerprint(data_cfg, tokenizer) -> dict:
@@ -116,24 +116,57 @@ def _datasets_progress(enabled: bool):
         (datasets.disable_progress_bars if was_disabled else datasets.enable_progress_bars)()
 
 
-def _write_tokens(encoded: datasets.Dataset, file: pathlib.Path, split: str, progress: bool) -> int:
-    """Concatenate the "ids" column into a uint16 memmap at `file`; returns the number of tokens."""
-    n_tokens = int(np.sum(encoded.with_format("numpy")["n_tokens"], dtype=np.int64))
-    if n_tokens == 0:
-        raise DataError(f"the {split} split has no tokens after tokenization; check the data source")
-    tokens = np.memmap(file, dtype=TOKEN_DTYPE, mode="w+", shape=(n_tokens,))
-    n_shards = min(MAX_SHARDS, len(encoded))
-    offset = 0
-    for index in tqdm(range(n_shards), desc=f"writing {file.name}", disable=not progress):
-        shard = encoded.shard(num_shards=n_shards, index=index, contiguous=True).with_format("numpy")
-        ids = np.concatenate(list(shard["ids"])).astype(TOKEN_DTYPE)
-        tokens[offset:offset + len(ids)] = ids
-        offset += len(ids)
-    tokens.flush()
-    del tokens
-    if offset != n_tokens:
-        raise DataError(f"wrote {offset} tokens to {file} but expected {n_tokens}; delete it and prepare again")
-    return n_tokens
+def _write_synced(file: pathlib.Path, data: bytes) -> None:
+    with open(file, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _write_tokens(docs: datasets.Dataset, tokenizer, file: pathlib.Path, split: str, num_proc: int,
+                  progress: bool) -> dict[str, int]:
+    """Tokenize the "text" column of `docs` into `file` (uint16, front to back, fsynced).
+
+    Returns the counts of `encode.encode_documents` summed over the split, plus "tokens".
+    Plain sequential writes, not a memmap: a memmap store that finds the disk full kills the process
+    with SIGBUS, where a write raises OSError.
+    """
+    totals = collections.Counter(dict.fromkeys(("tokens", "documents") + encode.SKIPPED + encode.REPAIRED, 0))
+    chunks = (batch["text"] for batch in docs.iter(batch_size=CHUNK_DOCUMENTS))
+    with open(file, "wb") as out, contextlib.closing(encode.encode_in_order(tokenizer, chunks, num_proc)) as parts:
+        for ids, counts in tqdm(parts, total=math.ceil(len(docs) / CHUNK_DOCUMENTS), desc=f"tokenizing {split}",
+                                disable=not progress):
+            out.write(ids.tobytes())
+            totals.update(counts)
+            totals["tokens"] += len(ids)
+        out.flush()
+        os.fsync(out.fileno())
+    if totals["tokens"] == 0:
+        raise DataError(f"the {split} split has no usable documents ({_describe(totals, encode.SKIPPED)} skipped "
+                        f"of {len(docs)}); check the data source and --config.data.text_field")
+    return dict(totals)
+
+
+def _describe(counts: dict, kinds) -> str:
+    return ", ".join(f"{counts[kind]} {kind}" for kind in kinds if counts.get(kind)) or "none"
+
+
+def problems_summary(meta: dict) -> str:
+    """One line summing up meta.json's "problems" (bad rows skipped or repaired), or "" when there were none."""
+    problems = meta.get("problems", {})
+    totals = collections.Counter()
+    for counts in [*problems.get("files", {}).values(), *(problems.get(split, {}) for split in SPLITS)]:
+        totals.update(counts)
+    skipped = {kind: n for kind, n in totals.items() if kind not in REPAIRED_KINDS}
+    repaired = {kind: n for kind, n in totals.items() if kind in REPAIRED_KINDS}
+    if not skipped and not repaired:
+        return ""
+    parts = []
+    if skipped:
+        parts.append(f"skipped {sum(skipped.values())} bad rows ({_describe(skipped, sorted(skipped))})")
+    if repaired:
+        parts.append(f"repaired {sum(repaired.values())} ({_describe(repaired, sorted(repaired))})")
+    return " and ".join(parts)
 
 
 def prepare(data_cfg, tokenizer, cache_dir: str | None = None, progress: bool = True) -> pathlib.Path:
@@ -151,33 +184,42 @@ def prepare(data_cfg, tokenizer, cache_dir: str | None = None, progress: bool = 
     directory.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(directory, expected)
     tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
-    tmp.mkdir()
     try:
-        documents = load_splits(data_cfg)
+        tmp.mkdir()
+        with _datasets_progress(progress):
+            documents, file_problems = read_documents(data_cfg)
         meta = {"fingerprint": expected, "tokenizer": tokenizer.name, "n_vocab": tokenizer.n_vocab,
                 "eot_id": tokenizer.eot_id, "dtype": np.dtype(TOKEN_DTYPE).name, "format_version": FORMAT_VERSION,
-                "tokens": {}, "documents": {}}
-        with _datasets_progress(progress):
-            for split in SPLITS:
-                docs = documents[split]
-                if len(docs) == 0:
-                    raise DataError(f"the {split} split has no documents; check the data source and data.val_split")
-                num_proc = data_cfg.num_proc if len(docs) >= SMALL_DATASET and data_cfg.num_proc > 1 else None
-                encoded = docs.map(_EncodeDocuments(tokenizer), batched=True, num_proc=num_proc,
-                                   remove_columns=docs.column_names, desc=f"tokenizing {split}")
-                meta["tokens"][split] = _write_tokens(encoded, tmp / f"{split}.bin", split, progress)
-                meta["documents"][split] = len(docs)
+                "tokens": {}, "documents": {}, "problems": {"files": file_problems}}
+        for split in SPLITS:
+            docs = documents[split]
+            if len(docs) == 0:
+                raise DataError(f"the {split} split has no documents; check the data source and data.val_split")
+            num_proc = data_cfg.num_proc if len(docs) >= SMALL_DATASET else 1
+            counts = _write_tokens(docs, tokenizer, tmp / f"{split}.bin", split, num_proc, progress)
+            meta["tokens"][split], meta["documents"][split] = counts.pop("tokens"), counts.pop("documents")
+            meta["problems"][split] = {kind: n for kind, n in counts.items() if n}
         # meta.json last: its presence is what marks a directory as finished.
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        _write_synced(tmp / "meta.json", json.dumps(meta, indent=2, sort_keys=True).encode())
         try:
             os.replace(tmp, directory)
         except OSError:
             if not _is_done(directory, expected):  # another process finishing first is fine; anything else is not
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if error.errno in DISK_FULL:
+            raise DataError(f"the disk is full (or a file size limit was hit) while writing the prepared tokens "
+                            f"under {directory.parent} ({os.strerror(error.errno)}); nothing was kept: free space "
+                            f"there or set --config.data.cache_dir to a disk with room, and run again") from error
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    summary = problems_summary(meta)
+    if summary:
+        print(f"prepare: {summary}; the counts per file and split are in {directory / 'meta.json'}", file=sys.stderr)
     return directory
 
 
@@ -210,6 +252,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     print(directory)
     for split in SPLITS:
         print(f"{split}: {meta['tokens'][split]:,} tokens in {meta['documents'][split]:,} documents")
+    summary = problems_summary(meta)
+    if summary:
+        print(f"data problems: {summary} (see meta.json)")
     return directory
 
 

@@ -1,7 +1,15 @@
 """Documents: where the training and validation texts come from (Hub, local files, or the synthetic corpus).
 
 `load_splits(data_cfg)` returns {"train": Dataset, "val": Dataset}, each with one string column "text".
+`read_documents(data_cfg)` returns the same and the problems met reading local files, per file.
 `source_fingerprint(data_cfg)` is everything that decides those documents, for prepare's cache key.
+
+Local JSON lines are read line by line, so one bad line costs one row, not the file. Per file it counts
+(and skips) "broken_line" (not JSON), "not_an_object", "missing_field" (no `data.text_field`) and
+"not_text" (a number, list, ... instead of a string), and repairs "invalid_utf8" (bytes that are not UTF-8
+become U+FFFD; the row is kept). Nulls and empty documents are left to prepare (encode.py), which counts them
+for every source. A parquet file that cannot be opened (0 bytes, truncated, not parquet) is a DataError
+that names it. JSON lines are held in memory; use parquet for local data larger than memory.
 
 Validation documents follow the reference: with `data.val_split == ""` they are carved out of the train
 split with `train_test_split(test_size=val_fraction, seed=split_seed, shuffle=True)` (datasets rounds the
@@ -11,15 +19,22 @@ loaded train split *before* that carve-out, so a small run sees the same kind of
 
 from __future__ import annotations
 
+import collections
+import errno
+import json
 import os
 import pathlib
 
 import datasets
+import pyarrow.parquet as pq
 
 from jaxllm.data import synthetic
 
 TRUE_WORDS = ("1", "true", "yes", "on")
 LOCAL_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
+SKIPPED = ("broken_line", "not_an_object", "missing_field", "not_text")
+REPAIRED = ("invalid_utf8",)
+TEXT_FEATURES = datasets.Features({"text": datasets.Value("string")})
 
 
 class DataError(ValueError):
@@ -109,15 +124,90 @@ def local_files(data_cfg) -> dict[str, list[pathlib.Path]]:
     return files
 
 
-def _load_local(files: list[pathlib.Path]) -> datasets.Dataset:
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def _json_rows(file: pathlib.Path, problems: collections.Counter):
+    """The rows of a .jsonl/.json file: one JSON value per line, or one JSON array for the whole file."""
+    with open(file, "rb") as lines:
+        head = lines.read(4096).lstrip()
+        lines.seek(0)
+        if head.startswith(b"["):
+            try:
+                yield from json.loads(lines.read().decode("utf-8", errors="replace"))
+            except ValueError as error:
+                raise DataError(f"the local data file {file} starts like a JSON array but cannot be parsed "
+                                f"({_first_line(error)}); fix it or write it as JSON lines") from None
+            return
+        for raw in lines:
+            if not raw.strip():
+                continue  # blank lines (a trailing newline, say) are not rows
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                line = raw.decode("utf-8", errors="replace")
+                problems["invalid_utf8"] += 1
+            try:
+                yield json.loads(line)
+            except ValueError:
+                problems["broken_line"] += 1
+
+
+def _read_json_texts(file: pathlib.Path, text_field: str) -> tuple[list, dict[str, int]]:
+    """The `text_field` values of a JSON lines file (str or None), and the counts of the rows it skipped."""
+    problems = collections.Counter()
+    texts, columns = [], []
+    for row in _json_rows(file, problems):
+        if not isinstance(row, dict):
+            problems["not_an_object"] += 1
+        elif text_field not in row:
+            problems["missing_field"] += 1
+            columns = columns or list(row)
+        elif row[text_field] is not None and not isinstance(row[text_field], str):
+            problems["not_text"] += 1
+        else:
+            texts.append(row[text_field])
+    if not texts and problems["missing_field"]:
+        raise DataError(f"the local data file {file} has no '{text_field}' field (found: {', '.join(columns)}); "
+                        f"set --config.data.text_field to one of them")
+    return texts, {kind: problems[kind] for kind in SKIPPED + REPAIRED if problems[kind]}
+
+
+def _check_parquet(file: pathlib.Path) -> None:
+    """Open the footer of a parquet file: a 0-byte, truncated or non-parquet file fails here, by name."""
+    try:
+        pq.ParquetFile(file).close()
+    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ...
+        raise DataError(f"the local data file {file} cannot be read as parquet ({_first_line(error)}); "
+                        f"re-download or remove it") from error
+
+
+def _load_local(files: list[pathlib.Path], text_field: str, where: str) -> tuple[datasets.Dataset, dict]:
+    """The "text" column of local files, and {file: {problem: count}} for the files that had bad rows."""
     kinds = {LOCAL_FORMATS[f.suffix] for f in files}
     if len(kinds) != 1:
         raise DataError(f"the local files {[str(f) for f in files]} mix formats; keep one of parquet or jsonl")
+    if kinds.pop() == "json":
+        texts, problems = [], {}
+        for file in files:
+            file_texts, file_problems = _read_json_texts(file, text_field)
+            texts += file_texts
+            if file_problems:
+                problems[str(file)] = file_problems
+        return datasets.Dataset.from_dict({"text": texts}, features=TEXT_FEATURES), problems
+    for file in files:
+        _check_parquet(file)
     try:
-        return datasets.load_dataset(kinds.pop(), data_files={"train": [str(f) for f in files]}, split="train")
+        dataset = datasets.load_dataset("parquet", data_files={"train": [str(f) for f in files]}, split="train")
     except Exception as error:
-        raise DataError(f"cannot read local data files {files[0].parent} ({type(error).__name__}: {error}); "
-                        f"check that they are valid parquet/jsonl") from error
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise DataError(f"the disk is full while datasets caches {files[0].parent}; free space or point "
+                            f"HF_DATASETS_CACHE at a disk with room") from error
+        raise DataError(f"cannot read local data files {files[0].parent} ({_first_line(error)}); "
+                        f"check that they are valid parquet") from error
+    return _text_only(dataset, text_field, where), {}
 
 
 def _text_only(dataset: datasets.Dataset, text_field: str, where: str) -> datasets.Dataset:
@@ -140,8 +230,13 @@ def _load_synthetic(data_cfg) -> datasets.Dataset:
 
 def load_splits(data_cfg) -> dict[str, datasets.Dataset]:
     """{"train", "val"} document datasets with one string column "text", from `data_cfg` (config.data)."""
+    return read_documents(data_cfg)[0]
+
+
+def read_documents(data_cfg) -> tuple[dict[str, datasets.Dataset], dict[str, dict[str, int]]]:
+    """`load_splits(data_cfg)` and {file: {problem: count}} for the local files that had bad rows."""
     source, text_field = data_cfg.source, data_cfg.text_field
-    val = None
+    val, problems = None, {}
     if source == "hub":
         train = _text_only(_load_hub(data_cfg.path, "train"), text_field, f"Hub {data_cfg.path} train")
         if data_cfg.val_split:
@@ -149,10 +244,11 @@ def load_splits(data_cfg) -> dict[str, datasets.Dataset]:
                              f"Hub {data_cfg.path} {data_cfg.val_split}")
     elif source == "local":
         files = local_files(data_cfg)
-        train = _text_only(_load_local(files["train"]), text_field, f"local {data_cfg.path} train")
+        train, problems = _load_local(files["train"], text_field, f"local {data_cfg.path} train")
         if data_cfg.val_split:
-            val = _text_only(_load_local(files[data_cfg.val_split]), text_field,
-                             f"local {data_cfg.path} {data_cfg.val_split}")
+            val, val_problems = _load_local(files[data_cfg.val_split], text_field,
+                                            f"local {data_cfg.path} {data_cfg.val_split}")
+            problems.update(val_problems)
     elif source == "synthetic":
         if data_cfg.synthetic_documents < 2:
             raise DataError(f"data.synthetic_documents is {data_cfg.synthetic_documents}; it must be at least 2 "
@@ -172,7 +268,7 @@ def load_splits(data_cfg) -> dict[str, datasets.Dataset]:
     if len(val) == 0:
         raise DataError(f"the validation split '{data_cfg.val_split}' of {data_cfg.path} is empty; "
                         f"set --config.data.val_split='' to carve validation out of train")
-    return {"train": train, "val": val}
+    return {"train": train, "val": val}, problems
 
 
 def source_fingerprint(data_cfg) -> dict:
