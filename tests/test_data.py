@@ -285,10 +285,10 @@ def test_prepare_cli(tmp_path, capsys):
         "    c = default_config()\n"
         "    c.data.tokenizer = 'byte'\n"
         "    return c\n")
-    directory = prepare_lib.main(["--config", str(config_file), "--config.data.synthetic_documents=30",
-                                  f"--config.data.cache_dir={tmp_path}", "--config.train.progress=false"])
+    assert prepare_lib.main(["--config", str(config_file), "--config.data.synthetic_documents=30",
+                             f"--config.data.cache_dir={tmp_path}", "--config.train.progress=false"]) == 0
     out = capsys.readouterr().out
-    assert str(directory) in out and "train:" in out and "val:" in out
+    assert str(next((tmp_path / "prepared").iterdir())) in out and "train:" in out and "val:" in out
 
 
 # ---------------------------------------------------------------- batches

@@ -7,8 +7,6 @@ end-of-text id, and the counts of what it had to do:
     null             skipped: the value is None (a null in parquet/jsonl)
     not_text         skipped: the value is not a string
     empty            skipped: "" or whitespace only (it would add nothing but an end-of-text)
-    invalid_unicode  kept, repaired: lone UTF-16 surrogates (a broken "\\ud83d" escape in JSON) cannot be
-                     encoded as UTF-8, so each becomes "?"
 
 `encode_in_order(tokenizer, chunks, num_proc)` does that over chunks of documents and yields the results in
 input order. With num_proc > 1 the workers come from a "forkserver" context ("spawn" where there is none):
@@ -28,14 +26,13 @@ import numpy as np
 
 TOKEN_DTYPE = np.uint16
 SKIPPED = ("null", "not_text", "empty")
-REPAIRED = ("invalid_unicode",)
 START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 IN_FLIGHT_PER_WORKER = 2  # chunks queued per worker: enough to keep them busy, few enough to bound memory
 
 
 def encode_documents(tokenizer, texts: list) -> tuple[np.ndarray, dict[str, int]]:
     """uint16 [n_tokens] ids of the usable documents of `texts`, each + end-of-text; and the counts above."""
-    counts = dict.fromkeys(("documents",) + SKIPPED + REPAIRED, 0)
+    counts = dict.fromkeys(("documents",) + SKIPPED, 0)
     kept = []
     for text in texts:
         if text is None:
@@ -45,11 +42,6 @@ def encode_documents(tokenizer, texts: list) -> tuple[np.ndarray, dict[str, int]
         elif not text or text.isspace():
             counts["empty"] += 1
         else:
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                text = text.encode("utf-8", errors="replace").decode("utf-8")
-                counts["invalid_unicode"] += 1
             kept.append(text)
     counts["documents"] = len(kept)
     docs = tokenizer.encode_batch(kept)

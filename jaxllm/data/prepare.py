@@ -45,7 +45,6 @@ from jaxllm.data.sources import DataError, read_documents, source_fingerprint
 
 FORMAT_VERSION = 2  # 2: empty documents skipped, bad rows counted in meta.json's "problems"
 SPLITS = ("train", "val")
-REPAIRED_KINDS = encode.REPAIRED + sources.REPAIRED  # kept after repair; every other kind of problem is skipped
 TOKEN_DTYPE = encode.TOKEN_DTYPE
 SMALL_DATASET = 1000  # below this many documents a single process beats the start-up cost of workers
 CHUNK_DOCUMENTS = 1000  # documents per unit of work (and per step of the progress bar)
@@ -131,7 +130,7 @@ def _write_tokens(docs: datasets.Dataset, tokenizer, file: pathlib.Path, split: 
     Plain sequential writes, not a memmap: a memmap store that finds the disk full kills the process
     with SIGBUS, where a write raises OSError.
     """
-    totals = collections.Counter(dict.fromkeys(("tokens", "documents") + encode.SKIPPED + encode.REPAIRED, 0))
+    totals = collections.Counter(dict.fromkeys(("tokens", "documents") + encode.SKIPPED, 0))
     chunks = (batch["text"] for batch in docs.iter(batch_size=CHUNK_DOCUMENTS))
     with open(file, "wb") as out, contextlib.closing(encode.encode_in_order(tokenizer, chunks, num_proc)) as parts:
         for ids, counts in tqdm(parts, total=math.ceil(len(docs) / CHUNK_DOCUMENTS), desc=f"tokenizing {split}",
@@ -157,8 +156,8 @@ def problems_summary(meta: dict) -> str:
     totals = collections.Counter()
     for counts in [*problems.get("files", {}).values(), *(problems.get(split, {}) for split in SPLITS)]:
         totals.update(counts)
-    skipped = {kind: n for kind, n in totals.items() if kind not in REPAIRED_KINDS}
-    repaired = {kind: n for kind, n in totals.items() if kind in REPAIRED_KINDS}
+    skipped = {kind: n for kind, n in totals.items() if kind not in sources.REPAIRED}
+    repaired = {kind: n for kind, n in totals.items() if kind in sources.REPAIRED}
     if not skipped and not repaired:
         return ""
     parts = []
@@ -223,31 +222,32 @@ def prepare(data_cfg, tokenizer, cache_dir: str | None = None, progress: bool = 
     return directory
 
 
-def main(argv: list[str] | None = None) -> pathlib.Path:
-    """CLI: prepare the token files of a config file and print where they are."""
+def main(argv: list[str] | None = None) -> int:
+    """CLI: prepare the token files of a config file and print where they are; 2 on a user error."""
     from jaxllm.config import ConfigError, load_config
 
     argv = sys.argv[1:] if argv is None else argv
     config_path, overrides = None, []
     args = iter(argv)
-    for arg in args:
-        if arg == "--config":
-            config_path = next(args, None)
-        elif arg.startswith("--config="):
-            config_path = arg.split("=", 1)[1]
-        elif arg.startswith("--config."):
-            overrides.append(arg[len("--config."):])
-        else:
-            raise SystemExit(f"unknown argument '{arg}'; usage: python -m jaxllm.data.prepare --config FILE "
-                             f"[--config.data.FIELD=VALUE ...]")
-    if not config_path:
-        raise SystemExit("no config given; usage: python -m jaxllm.data.prepare --config configs/X.py")
     try:
+        for arg in args:
+            if arg == "--config":
+                config_path = next(args, None)
+            elif arg.startswith("--config="):
+                config_path = arg.split("=", 1)[1]
+            elif arg.startswith("--config."):
+                overrides.append(arg[len("--config."):])
+            else:
+                raise ConfigError(f"unknown argument '{arg}'; usage: python -m jaxllm.data.prepare --config FILE "
+                                  f"[--config.data.FIELD=VALUE ...]")
+        if not config_path:
+            raise ConfigError("no config given; usage: python -m jaxllm.data.prepare --config configs/X.py")
         config = load_config(config_path, overrides)
         tok = tokenizer_lib.get_tokenizer(config.data.tokenizer, config.data.tokenizer_path)
         directory = prepare(config.data, tok, progress=config.train.progress)
     except (ConfigError, DataError, tokenizer_lib.TokenizerError) as error:
-        raise SystemExit(f"error: {error}") from None
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     meta = read_meta(directory)
     print(directory)
     for split in SPLITS:
@@ -255,8 +255,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     summary = problems_summary(meta)
     if summary:
         print(f"data problems: {summary} (see meta.json)")
-    return directory
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,8 +6,9 @@
 
 Local JSON lines are read line by line, so one bad line costs one row, not the file. Per file it counts
 (and skips) "broken_line" (not JSON), "not_an_object", "missing_field" (no `data.text_field`) and
-"not_text" (a number, list, ... instead of a string), and repairs "invalid_utf8" (bytes that are not UTF-8
-become U+FFFD; the row is kept). Nulls and empty documents are left to prepare (encode.py), which counts them
+"not_text" (a number, list, ... instead of a string), and repairs, keeping the row, "invalid_utf8" (bytes
+that are not UTF-8 become U+FFFD) and "invalid_unicode" (a lone surrogate, from a broken "\\ud83d" escape,
+cannot be stored as UTF-8 and becomes "?"). Nulls and empty documents are left to prepare (encode.py), which counts them
 for every source. A parquet file that cannot be opened (0 bytes, truncated, not parquet) is a DataError
 that names it. JSON lines are held in memory; use parquet for local data larger than memory.
 
@@ -33,7 +34,7 @@ from jaxllm.data import synthetic
 TRUE_WORDS = ("1", "true", "yes", "on")
 LOCAL_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 SKIPPED = ("broken_line", "not_an_object", "missing_field", "not_text")
-REPAIRED = ("invalid_utf8",)
+REPAIRED = ("invalid_utf8", "invalid_unicode")
 TEXT_FEATURES = datasets.Features({"text": datasets.Value("string")})
 
 
@@ -155,6 +156,18 @@ def _json_rows(file: pathlib.Path, problems: collections.Counter):
                 problems["broken_line"] += 1
 
 
+def _valid_unicode(text: str | None, problems: collections.Counter) -> str | None:
+    """`text` with lone surrogates (which UTF-8 and Arrow cannot hold) replaced by "?", counted."""
+    if text is None or text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        problems["invalid_unicode"] += 1
+        return text.encode("utf-8", errors="replace").decode("utf-8")
+    return text
+
+
 def _read_json_texts(file: pathlib.Path, text_field: str) -> tuple[list, dict[str, int]]:
     """The `text_field` values of a JSON lines file (str or None), and the counts of the rows it skipped."""
     problems = collections.Counter()
@@ -168,7 +181,7 @@ def _read_json_texts(file: pathlib.Path, text_field: str) -> tuple[list, dict[st
         elif row[text_field] is not None and not isinstance(row[text_field], str):
             problems["not_text"] += 1
         else:
-            texts.append(row[text_field])
+            texts.append(_valid_unicode(row[text_field], problems))
     if not texts and problems["missing_field"]:
         raise DataError(f"the local data file {file} has no '{text_field}' field (found: {', '.join(columns)}); "
                         f"set --config.data.text_field to one of them")
