@@ -1,39 +1,38 @@
-"""Schedules against a port of PyTorch OneCycleLR, the decay mask, and the optimizer chain."""
+"""Schedules and the AdamW chain against torch itself (OneCycleLR, AdamW, clip_grad_norm_), the decay mask."""
 
-import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
 
 from jaxllm import config as config_lib
 from jaxllm import optim
 
 
-def torch_onecycle_lr(step, max_lr, total_steps, pct_start=0.3, anneal_strategy="cos", div_factor=25.0,
-                      final_div_factor=1e4):
-    """Python float64 port of torch.optim.lr_scheduler.OneCycleLR.get_lr (three_phase=False)."""
-    if anneal_strategy == "cos":
-        anneal_func = lambda start, end, pct: end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
-    else:
-        anneal_func = lambda start, end, pct: (end - start) * pct + start
-    initial_lr = max_lr / div_factor
-    min_lr = initial_lr / final_div_factor
-    phases = [
-        {"end_step": float(pct_start * total_steps) - 1, "start_lr": initial_lr, "end_lr": max_lr},
-        {"end_step": total_steps - 1, "start_lr": max_lr, "end_lr": min_lr},
-    ]
-    if step > total_steps:
-        raise ValueError("step past total_steps")
-    start_step = 0.0
-    for i, phase in enumerate(phases):
-        end_step = phase["end_step"]
-        if step <= end_step or i == len(phases) - 1:
-            pct = (step - start_step) / (end_step - start_step)
-            return anneal_func(phase["start_lr"], phase["end_lr"], pct)
-        start_step = phase["end_step"]
+def torch_onecycle_lrs(max_lr, total_steps, pct_start, anneal_strategy, div_factor, final_div_factor):
+    """The learning rate of each of the `total_steps` updates: torch's OneCycleLR driving a real AdamW.
+
+    cycle_momentum=False: jaxllm keeps AdamW's betas fixed at optim.beta1/beta2 (torch's default would cycle
+    beta1 between 0.85 and 0.95). The scheduler is stepped once per update, as a training loop does; the
+    optimizer steps once first so torch sees the usual order.
+    """
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=max_lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start, anneal_strategy=anneal_strategy,
+        div_factor=div_factor, final_div_factor=final_div_factor, cycle_momentum=False)
+    param.grad = torch.ones_like(param)
+    opt.step()
+    lrs = []
+    for _ in range(total_steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        scheduler.step()
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95)
+    return np.array(lrs)
 
 
 def _config(**optim_fields):
@@ -63,13 +62,68 @@ def test_onecycle_reference_defaults_endpoints():
     (1.25e-3, 337, 0.3, 25.0, 1e4),  # a fractional end of warm-up (0.3 * 337 - 1 = 100.1)
     (3e-4, 7, 0.05, 100.0, 0.1),  # warm-up shorter than one step: end1 < 0
 ])
-def test_onecycle_matches_torch_port_at_every_step(anneal, lr, total, pct, div, final_div):
+def test_onecycle_matches_torch_at_every_step(anneal, lr, total, pct, div, final_div):
     schedule = jax.jit(optim.onecycle_schedule(lr, total, pct, anneal, div, final_div))
-    steps = np.arange(total)
-    ours = np.asarray(jax.vmap(schedule)(jnp.asarray(steps, jnp.int32)))
-    theirs = np.array([torch_onecycle_lr(int(s), lr, total, pct, anneal, div, final_div) for s in steps])
+    ours = np.asarray(jax.vmap(schedule)(jnp.arange(total, dtype=jnp.int32)))
     assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, torch_onecycle_lrs(lr, total, pct, anneal, div, final_div), rtol=2e-6, atol=0)
+
+
+CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_config_pretraining_schedule_matches_torch(path):
+    """Each shipped config's one-cycle schedule, over all of its train.steps, against torch's OneCycleLR."""
+    c = config_lib.load_config(str(path), [])
+    o, total = c.optim, int(c.train.steps)
+    if o.schedule not in optim.ANNEALS:
+        pytest.skip(f"{path.name} pretrains with the '{o.schedule}' schedule, not the one-cycle")
+    ours = np.asarray(jax.jit(jax.vmap(optim.make_schedule(c)))(jnp.arange(total, dtype=jnp.int32)))
+    theirs = torch_onecycle_lrs(o.lr, total, o.warmup_pct, o.schedule, o.div_factor, o.final_div_factor)
     np.testing.assert_allclose(ours, theirs, rtol=2e-6, atol=0)
+
+
+def test_adamw_onecycle_and_clipping_match_torch_over_a_whole_schedule():
+    """300 updates of optim.make_optimizer against torch AdamW + OneCycleLR + clip_grad_norm_ on the same grads.
+
+    Decayed (a "kernel" matrix) and undecayed (a norm "scale") parameters; the gradients are large enough that
+    clipping acts on some steps and not on others. float32 on both sides.
+    """
+    total = 300
+    c = _config(steps=total)  # the reference's AdamW (0.9, 0.95, eps 1e-8, wd 0.1) and one-cycle, clip 1.0
+    o = c.optim
+    rng = np.random.default_rng(0)
+    kernel0, scale0 = rng.normal(size=(4, 3)).astype(np.float32), np.ones(3, np.float32)
+    grads = [(rng.normal(size=(4, 3)) * s, rng.normal(size=3) * s)
+             for s in np.where(np.arange(total) % 3 == 0, 2.0, 0.1)]
+
+    tx = optim.make_optimizer(c)
+    params = {"dense": {"kernel": jnp.asarray(kernel0)}, "norm": {"scale": jnp.asarray(scale0)}}
+    state = tx.init(params)
+    update = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    for g_kernel, g_scale in grads:
+        g = {"dense": {"kernel": jnp.asarray(g_kernel, jnp.float32)}, "norm": {"scale": jnp.asarray(g_scale, jnp.float32)}}
+        updates, state = update(g, state, params)
+        params = optax.apply_updates(params, updates)
+
+    kernel, scale = torch.nn.Parameter(torch.tensor(kernel0)), torch.nn.Parameter(torch.tensor(scale0))
+    opt = torch.optim.AdamW([{"params": [kernel], "weight_decay": o.weight_decay},
+                             {"params": [scale], "weight_decay": 0.0}], lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=o.lr, total_steps=total, pct_start=o.warmup_pct, anneal_strategy=o.schedule,
+        div_factor=o.div_factor, final_div_factor=o.final_div_factor, cycle_momentum=False)
+    clipped = 0
+    for g_kernel, g_scale in grads:
+        kernel.grad = torch.tensor(g_kernel, dtype=torch.float32)
+        scale.grad = torch.tensor(g_scale, dtype=torch.float32)
+        clipped += float(torch.nn.utils.clip_grad_norm_([kernel, scale], o.grad_clip)) > o.grad_clip
+        opt.step()
+        scheduler.step()
+    assert 0 < clipped < total
+    np.testing.assert_allclose(np.asarray(params["dense"]["kernel"]), kernel.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(params["norm"]["scale"]), scale.detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(params["dense"]["kernel"]), kernel0, atol=1e-3)  # it did train
 
 
 def test_onecycle_team_2025_endpoints():
@@ -88,8 +142,9 @@ def test_onecycle_rejects_bad_anneal():
 def test_make_schedule_onecycle_uses_config():
     c = _config(schedule="linear", warmup_pct=0.3, div_factor=25.0, final_div_factor=1e4, lr=2e-3)
     schedule = optim.make_schedule(c)
+    theirs = torch_onecycle_lrs(2e-3, 1000, 0.3, "linear", 25.0, 1e4)
     for step in (0, 17, 299, 300, 640, 999):
-        assert float(schedule(step)) == pytest.approx(torch_onecycle_lr(step, 2e-3, 1000, 0.3, "linear"), rel=2e-6)
+        assert float(schedule(step)) == pytest.approx(theirs[step], rel=2e-6)
     assert float(optim.learning_rate(c, 299)) == pytest.approx(2e-3, rel=1e-6)
 
 
