@@ -13,7 +13,6 @@ import pickle
 import re
 import subprocess
 import sys
-import textwrap
 import warnings
 
 import numpy as np
