@@ -8,6 +8,8 @@ silently (the report is printed and logged).
 
 Sources (`mathqa.source`):
   synthetic  jaxllm's built-in generator (jaxllm/data/synthetic.py), seeds 1/2/3 for train/val/test;
+             test (any split but train/validation) only from the held-out problem texts, so no test
+             problem is in the fine-tune splits or in the synthetic pretraining corpus;
   hub        `allenai/math_qa` (fails at once, with a message, when the Hub cannot be reached);
   local      the original JSON lists (dev.json, test.json, challenge_test.json), jsonl or parquet files
              with the same fields, or the per-category CSVs (`train_by_category_csv/`, columns
@@ -61,6 +63,7 @@ HUB_SPLITS = {"train": "train", "validation": "validation", "val": "validation",
 LOCAL_STEMS = {"train": ("train",), "validation": ("dev", "validation", "val"), "val": ("dev", "validation", "val"),
                "dev": ("dev", "validation"), "test": ("test",), "challenge_test": ("challenge_test",)}
 SYNTHETIC_SEEDS = {"train": 1, "validation": 2, "test": 3}  # distinct from pretraining's data.split_seed
+TRAINING_SPLITS = ("train", "validation", "val", "dev")  # synthetic: every other split is held out
 
 # One option separator: " , " followed by the next letter and ")" (never a bare comma: "rs . 27,000").
 _SPLIT_RE = re.compile(r"\s*,\s*(?=[b-e]\s*\)\s?)")
@@ -239,13 +242,15 @@ def _files_in(folder: pathlib.Path) -> list[pathlib.Path]:
 def load_questions(mathqa_cfg, split: str) -> tuple[list[Question], ParseReport]:
     """Questions of `split` (a split name, or a local path) from the configured source, with the report.
 
-    The synthetic source generates `mathqa.synthetic_problems` for train and a tenth of that for others.
+    The synthetic source generates `mathqa.synthetic_problems` for train and a tenth of that for others;
+    splits other than TRAINING_SPLITS draw only held-out problems (synthetic.is_held_out).
     """
     source = mathqa_cfg.source
     if source == "synthetic":
         n = mathqa_cfg.synthetic_problems
         size = n if split == "train" else max(1, n // 10)
-        records = synthetic.generate_problems(size, SYNTHETIC_SEEDS.get(split, 4))
+        held_out = split not in TRAINING_SPLITS
+        records = synthetic.generate_problems(size, SYNTHETIC_SEEDS.get(split, 4), held_out=held_out)
     elif source == "hub":
         name = mathqa_cfg.path or HUB_NAME
         hub_split = HUB_SPLITS.get(split, split)
