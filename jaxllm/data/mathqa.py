@@ -268,26 +268,38 @@ def load_questions(mathqa_cfg, split: str) -> tuple[list[Question], ParseReport]
 def load_splits(mathqa_cfg) -> tuple[dict[str, list[Question]], dict[str, dict]]:
     """{"train", "val", "test"} questions and each split's parse report summary.
 
-    With `mathqa.val_split == ""` validation is carved out of train: a seeded `val_fraction` of it.
+    With `mathqa.val_split == ""` validation is carved out of train (`carve_validation`).
     """
     splits, reports = {}, {}
-    splits["train"], train_report = load_questions(mathqa_cfg, mathqa_cfg.train_split)
+    train, train_report = load_questions(mathqa_cfg, mathqa_cfg.train_split)
     reports["train"] = train_report.summary()
     if mathqa_cfg.val_split:
+        splits["train"] = train
         splits["val"], report = load_questions(mathqa_cfg, mathqa_cfg.val_split)
         reports["val"] = report.summary()
     else:
-        train = splits["train"]
-        order = np.random.default_rng([mathqa_cfg.seed, 2357]).permutation(len(train))
-        n_val = max(1, int(round(len(train) * mathqa_cfg.val_fraction)))
-        if n_val >= len(train):
-            raise DataError(f"the MathQA train split has {len(train)} questions, too few to carve out validation; "
-                            f"set --config.mathqa.val_split")
-        splits["val"] = [train[i] for i in sorted(order[:n_val])]
-        splits["train"] = [train[i] for i in sorted(order[n_val:])]
+        splits["train"], splits["val"] = carve_validation(mathqa_cfg, train)
     splits["test"], report = load_questions(mathqa_cfg, mathqa_cfg.test_split)
     reports["test"] = report.summary()
     return splits, reports
+
+
+def carve_validation(mathqa_cfg, train: list[Question]) -> tuple[list[Question], list[Question]]:
+    """(train, val): a seeded `mathqa.val_fraction` of the loaded train split is validation, the rest train."""
+    order = np.random.default_rng([mathqa_cfg.seed, 2357]).permutation(len(train))
+    n_val = max(1, int(round(len(train) * mathqa_cfg.val_fraction)))
+    if n_val >= len(train):
+        raise DataError(f"the MathQA train split has {len(train)} questions, too few to carve out validation; "
+                        f"set --config.mathqa.val_split")
+    return [train[i] for i in sorted(order[n_val:])], [train[i] for i in sorted(order[:n_val])]
+
+
+def shot_pool(mathqa_cfg) -> list[Question]:
+    """The questions few-shot examples are drawn from: the fine-tune train split exactly as `load_splits`
+    gives it (without the validation carve-out when `mathqa.val_split == ""`). The fine-tune stage's
+    evaluation and `python -m jaxllm.eval` both draw from it, so they score the same prompts."""
+    train, _ = load_questions(mathqa_cfg, mathqa_cfg.train_split)
+    return train if mathqa_cfg.val_split else carve_validation(mathqa_cfg, train)[0]
 
 
 # --------------------------------------------------------------------------------------- formatting
