@@ -61,7 +61,7 @@ def test_unreadable_rows_are_counted_by_reason_not_dropped_silently():
     questions, report = mathqa.parse_records(rows)
     assert len(questions) == 1 and questions[0].answer == 1 and questions[0].rationale == "2 + 3 = 5 answer : b"
     assert report.summary() == {"rows": 4, "read": 1, "skipped": {"not five options a-e": 1, "answer not a-e": 1,
-                                                                  "empty options": 1}}
+                                                                  "missing options": 1}}
 
 
 def test_local_json_jsonl_parquet_and_category_csv_give_the_same_questions(tmp_path):
