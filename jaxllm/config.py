@@ -143,6 +143,9 @@ def default_config() -> ml_collections.ConfigDict:
     q.synthetic_problems = 5000  # synthetic: training problems (validation and test get a tenth each)
     q.rationale = False  # append "\nRationale: ..." to the answer in the training target
     q.max_length = 0  # tokens per example (prompts are cut from the left); 0 = model.sequence_length
+    # Tokens of a scored multiple-choice context + option (whole shots are dropped to fit); 0 = max_length.
+    # llama (RoPE, no learned positions) can score longer contexts than it trained on; gpt2 cannot.
+    q.eval_max_length = 0
     q.pad_multiple = 64  # batches are padded to their longest example rounded up to this; 0 = to max_length
     q.eval_shots = "0,5"  # multiple-choice evaluations run at the end of the finetune stage (shot counts)
     q.eval_questions = 0  # score only the first N test questions; 0 = all
@@ -405,11 +408,17 @@ def _validate_stages(config) -> None:
     for path, value in (("mathqa.synthetic_problems", q.synthetic_problems),
                         ("mathqa.eval_batch_size", q.eval_batch_size), ("finetune.lora.alpha", lora.alpha)):
         _positive(value, path)
-    for path, value in (("mathqa.max_length", q.max_length), ("mathqa.pad_multiple", q.pad_multiple),
+    for path, value in (("mathqa.max_length", q.max_length), ("mathqa.eval_max_length", q.eval_max_length),
+                        ("mathqa.pad_multiple", q.pad_multiple),
                         ("mathqa.eval_questions", q.eval_questions), ("finetune.lora.rank", lora.rank)):
         _positive(value, path, allow_zero=True)
     if not 0 < q.val_fraction < 1:
         raise ConfigError(f"mathqa.val_fraction is {q.val_fraction}; it must be in (0, 1)")
+    positions = config.model.sequence_length
+    for path, value in (("mathqa.max_length", q.max_length), ("mathqa.eval_max_length", q.eval_max_length)):
+        if config.model.name == "gpt2" and value > positions:
+            raise ConfigError(f"{path} ({value}) exceeds gpt2's {positions} learned positions; set it to at most "
+                              f"{positions} or use model.name=llama, whose RoPE has no length limit")
     for shots in q.eval_shots.split(","):
         if shots.strip() and not shots.strip().isdigit():
             raise ConfigError(f"mathqa.eval_shots is '{q.eval_shots}'; write shot counts like '0,5'")

@@ -4,8 +4,14 @@ Each question is scored five times: context = K solved train examples + the ques
 (jaxllm/data/mathqa.py's template, ending in "Answer:"), continuation = one option's answer text
 (" c ) 30"). The score of an option is the sum of its continuation tokens' log-probabilities under the
 model; `acc` picks the highest, `acc_norm` the highest per character of the continuation. The K shots of
-question i are drawn from the train split by a seeded function of (mathqa.seed, i), so every model sees
-the same prompts. Contexts longer than the model's length are cut from the left.
+question i are drawn from the shot pool (`mathqa.shot_pool`: the fine-tune train split) by a seeded
+function of (mathqa.seed, i), so every model, the fine-tune stage and this CLI all see the same prompts.
+
+Contexts are built to fit `mathqa.eval_max_length` tokens (0 = the training length): when K shots do not
+fit, whole shots are dropped, the farthest from the question first, never cut into a fragment. How many
+each question really got is reported (`shots_mean`, `shots_min`, `fewer_shots`). llama has no learned
+positions and can score contexts longer than it trained on; gpt2 cannot. Only a prompt too long on its
+own is still cut from the left (counted in `cut_prompts`).
 
 Rows (question x option) are sorted by length and scored in jit-compiled batches whose length is rounded
 up to `mathqa.pad_multiple`, so there are few compilations and little padding.
@@ -125,18 +131,45 @@ def _evaluate_cached(score_fn, params, tokenizer, contexts, continuations, *, ma
     return scores
 
 
+def mc_contexts(tokenizer, questions, pool, *, shots: int, seed: int, max_length: int):
+    """(contexts [N] strings, continuations [N][5] strings, shots_N int [N], cut_N bool [N]).
+
+    Context i = its kept shots (whole solved examples from `pool`, `mathqa.shot_indices(len(pool), shots,
+    seed, i)`) + the question's prompt; continuation (i, o) = option o's answer text. Each context leaves
+    room for the longest continuation of all questions rounded up to 8 (the cached layout's continuation
+    columns), so neither scoring layout cuts it: shots are dropped whole, the first drawn (farthest from
+    the question) first. shots_N counts the shots kept; cut_N marks prompts too long even with none.
+    """
+    continuations = [[mathqa.format_choice(q, option) for option in range(5)] for q in questions]
+    longest = max((len(tokenizer.encode(text)) for row in continuations for text in row), default=0)
+    budget = max_length - -(-longest // 8) * 8
+    contexts, shots_N, cut_N = [], np.zeros(len(questions), np.int64), np.zeros(len(questions), bool)
+    for i, q in enumerate(questions):
+        picks = mathqa.shot_indices(len(pool), shots, seed, i)
+        prompt = mathqa.format_prompt(q)
+        for kept in range(len(picks), -1, -1):
+            context = mathqa.few_shot_prefix([pool[j] for j in picks[len(picks) - kept:]]) + prompt
+            if len(tokenizer.encode(context)) <= budget:
+                break
+        else:
+            cut_N[i] = True
+        contexts.append(context)
+        shots_N[i] = kept
+    return contexts, continuations, shots_N, cut_N
+
+
 def evaluate_mc(score_fn, params, tokenizer, questions, train_questions, *, shots: int, seed: int, max_length: int,
                 batch_size: int, pad_multiple: int, mesh) -> dict:
-    """{"n", "acc", "acc_norm", "shots"} of `questions` (each with five options) under `params`.
+    """{"n", "acc", "acc_norm", "shots", "shots_mean", "shots_min", "fewer_shots", "cut_prompts"} of
+    `questions` (each with five options) under `params`, shots drawn from `train_questions` (`mc_contexts`).
 
+    `shots` is the number asked; shots_mean/shots_min what the questions got (whole shots that fit in
+    max_length), fewer_shots how many questions got fewer, cut_prompts how many prompts were cut anyway.
     `score_fn` is `make_score_fn`'s (one row per question x option) or `make_cached_score_fn`'s
     (marked by its `cached` attribute: one context per question, shared by its five options).
     """
-    contexts, continuations = [], []
-    for i, q in enumerate(questions):
-        picks = mathqa.shot_indices(len(train_questions), shots, seed, i)
-        contexts.append(mathqa.few_shot_prefix([train_questions[j] for j in picks]) + mathqa.format_prompt(q))
-        continuations.append([mathqa.format_choice(q, option) for option in range(5)])
+    contexts, continuations, shots_N, cut_N = mc_contexts(tokenizer, questions, train_questions, shots=shots,
+                                                          seed=seed, max_length=max_length)
     if getattr(score_fn, "cached", False):
         scores_Nx5 = _evaluate_cached(score_fn, params, tokenizer, contexts, continuations, max_length=max_length,
                                       batch_size=batch_size, pad_multiple=pad_multiple, mesh=mesh)
@@ -157,11 +190,24 @@ def evaluate_mc(score_fn, params, tokenizer, questions, train_questions, *, shot
     norm_Nx5 = scores_Nx5 / char_lengths_Nx5
     return {"n": len(questions), "shots": shots,
             "acc": float(np.mean(scores_Nx5.argmax(axis=1) == answers)),
-            "acc_norm": float(np.mean(norm_Nx5.argmax(axis=1) == answers))}
+            "acc_norm": float(np.mean(norm_Nx5.argmax(axis=1) == answers)),
+            "shots_mean": float(np.mean(shots_N)), "shots_min": int(shots_N.min(initial=shots)),
+            "fewer_shots": int(np.sum(shots_N < shots)), "cut_prompts": int(np.sum(cut_N))}
+
+
+def eval_max_length(config) -> int:
+    """Tokens of a scored context + option: mathqa.eval_max_length, else the training length
+    (mathqa.max_length, else model.sequence_length). ConfigError past gpt2's learned positions."""
+    q, m = config.mathqa, config.model
+    length = q.get("eval_max_length", 0) or q.max_length or m.sequence_length
+    if m.name == "gpt2" and length > m.sequence_length:
+        raise config_lib.ConfigError(f"mathqa.eval_max_length ({length}) exceeds gpt2's {m.sequence_length} learned "
+                                     f"positions; set it to at most {m.sequence_length} (llama can score longer)")
+    return length
 
 
 def run_mc(config, params, model, tokenizer, mesh, questions, train_questions, shots: int) -> dict:
-    """`evaluate_mc` with the batch sizes and lengths of `config.mathqa`, timed."""
+    """`evaluate_mc` with the batch sizes and lengths of `config.mathqa` (`eval_max_length`), timed."""
     q = config.mathqa
     start = time.monotonic()
     if config.model.name == "llama":
@@ -169,7 +215,7 @@ def run_mc(config, params, model, tokenizer, mesh, questions, train_questions, s
     else:
         score_fn = make_score_fn(model, mesh)
     result = evaluate_mc(score_fn, params, tokenizer, questions, train_questions, shots=shots,
-                         seed=q.seed, max_length=q.max_length or config.model.sequence_length,
+                         seed=q.seed, max_length=eval_max_length(config),
                          batch_size=q.eval_batch_size, pad_multiple=q.pad_multiple, mesh=mesh)
     result["seconds"] = time.monotonic() - start
     return result
@@ -183,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default=None, help="split name or file to score (default: mathqa.test_split)")
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--max_questions", type=int, default=0, help="score only the first N questions; 0 = all")
+    parser.add_argument("--max_length", type=int, default=None,
+                        help="tokens per scored context + option (default: the run's mathqa.eval_max_length)")
     args = parser.parse_args(argv)
     try:
         run_dir = stage_dir(pathlib.Path(args.workdir))
@@ -198,9 +246,11 @@ def main(argv: list[str] | None = None) -> int:
                 config.mathqa.path = str(data)
         if args.split:
             config.mathqa.test_split = args.split
+        if args.max_length is not None:
+            config.mathqa.eval_max_length = args.max_length
         tokenizer = get_tokenizer(config.data.tokenizer, config.data.tokenizer_path)
         questions, report = mathqa.load_questions(config.mathqa, config.mathqa.test_split)
-        train_questions = mathqa.load_questions(config.mathqa, config.mathqa.train_split)[0] if args.shots else []
+        train_questions = mathqa.shot_pool(config.mathqa) if args.shots else []  # the fine-tune stage's pool
         if args.max_questions:
             questions = questions[:args.max_questions]
         params, step = load_params(run_dir, config)
@@ -218,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     from tensorboardX import SummaryWriter
 
     with SummaryWriter(str(run_dir / "tensorboard")) as tb:
-        for name in ("acc", "acc_norm"):
+        for name in ("acc", "acc_norm", "shots_mean"):
             tb.add_scalar(f"mathqa_{args.shots}shot/{name}", result[name], step)
     print(json.dumps(row))
     return 0

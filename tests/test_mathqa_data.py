@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxllm import config as config_lib, loss as loss_lib, models
-from jaxllm.data import mathqa
+from jaxllm.data import mathqa, sources, synthetic
 from jaxllm.data.sources import DataError
 from jaxllm.tokenizer import ByteTokenizer
 
@@ -61,7 +61,7 @@ def test_unreadable_rows_are_counted_by_reason_not_dropped_silently():
     questions, report = mathqa.parse_records(rows)
     assert len(questions) == 1 and questions[0].answer == 1 and questions[0].rationale == "2 + 3 = 5 answer : b"
     assert report.summary() == {"rows": 4, "read": 1, "skipped": {"not five options a-e": 1, "answer not a-e": 1,
-                                                                  "empty options": 1}}
+                                                                  "missing options": 1}}
 
 
 def test_local_json_jsonl_parquet_and_category_csv_give_the_same_questions(tmp_path):
@@ -117,6 +117,36 @@ def test_synthetic_questions_use_the_same_schema():
     assert len(splits["train"]) == 50 and len(splits["val"]) == 5 and len(splits["test"]) == 5
     assert reports["train"]["skipped"] == {}
     assert splits["train"][0] != splits["test"][0]  # different seeds per split
+
+
+def test_tiny_demo_test_problems_are_in_no_training_text():
+    """configs/tiny.py as shipped: no synthetic test problem is in the pretraining corpus (train or
+    validation documents) or in the fine-tune train/validation splits (it was 137 and 70 of 200)."""
+    c = config_lib.load_config(str(pathlib.Path(__file__).parents[1] / "configs" / "tiny.py"))
+    documents = sources.load_splits(c.data)
+    corpus = "\n".join(list(documents["train"]["text"]) + list(documents["val"]["text"])) + "\n"
+    splits, _ = mathqa.load_splits(c.mathqa)
+    test = [q.problem for q in splits["test"]]
+    assert len(test) == 200 and len(documents["train"]) + len(documents["val"]) == 20000
+    assert [p for p in test if f"Problem: {p}\n" in corpus] == []
+    assert set(test).isdisjoint(q.problem for q in splits["train"] + splits["val"])
+
+
+@pytest.mark.parametrize("seed", [0, 3, 2357])
+def test_synthetic_training_and_held_out_problems_never_meet(seed):
+    """Any seeds and sizes: training draws never use a held-out problem text and evaluation draws only
+    those, so the two sides are disjoint by construction (and each side keeps every template)."""
+    train = synthetic.generate_problems(400, seed)
+    held = synthetic.generate_problems(400, seed + 1, held_out=True)
+    assert not any(synthetic.is_held_out(r["Problem"]) for r in train)
+    assert all(synthetic.is_held_out(r["Problem"]) for r in held)
+    assert {r["category"] for r in held} == set(synthetic.CATEGORIES)
+    assert held[:50] == synthetic.generate_problems(50, seed + 1, held_out=True)  # a prefix, as training's
+    assert train[:100] == synthetic.generate_problems(100, seed)
+    c = config_lib.default_config()
+    c.mathqa.synthetic_problems = 300
+    for split in ("test", "challenge_test"):
+        assert all(synthetic.is_held_out(q.problem) for q in mathqa.load_questions(c.mathqa, split)[0])
 
 
 def test_prompt_template():

@@ -8,6 +8,8 @@ silently (the report is printed and logged).
 
 Sources (`mathqa.source`):
   synthetic  jaxllm's built-in generator (jaxllm/data/synthetic.py), seeds 1/2/3 for train/val/test;
+             test (any split but train/validation) only from the held-out problem texts, so no test
+             problem is in the fine-tune splits or in the synthetic pretraining corpus;
   hub        `allenai/math_qa` (fails at once, with a message, when the Hub cannot be reached);
   local      the original JSON lists (dev.json, test.json, challenge_test.json), jsonl or parquet files
              with the same fields, or the per-category CSVs (`train_by_category_csv/`, columns
@@ -61,10 +63,13 @@ HUB_SPLITS = {"train": "train", "validation": "validation", "val": "validation",
 LOCAL_STEMS = {"train": ("train",), "validation": ("dev", "validation", "val"), "val": ("dev", "validation", "val"),
                "dev": ("dev", "validation"), "test": ("test",), "challenge_test": ("challenge_test",)}
 SYNTHETIC_SEEDS = {"train": 1, "validation": 2, "test": 3}  # distinct from pretraining's data.split_seed
+TRAINING_SPLITS = ("train", "validation", "val", "dev")  # synthetic: every other split is held out
 
 # One option separator: " , " followed by the next letter and ")" (never a bare comma: "rs . 27,000").
-_SPLIT_RE = re.compile(r"\s*,\s*(?=[b-e]\s*\)\s?)")
-_ITEM_RE = re.compile(r"\s*([a-e])\s*\)\s*(.*?)\s*$", re.S)
+# A sixth option "f )" is split off too, so that such a row is refused rather than read into e's value.
+_SPLIT_RE = re.compile(r"\s*,\s*(?=[b-f]\s*\)\s?)")
+_ITEM_RE = re.compile(r"\s*([a-f])\s*\)\s*(.*?)\s*$", re.S)
+_UNDECODED_RE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, as surrogateescape keeps them
 
 
 class OptionsError(ValueError):
@@ -73,6 +78,14 @@ class OptionsError(ValueError):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class UnreadableRow:
+    """A row a file holds but that could not be decoded (a broken jsonl line, bytes that are not UTF-8):
+    it is counted under `reason` like any other unreadable row."""
+
+    reason: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,13 +154,25 @@ def _strip_quotes(text: str) -> str:
     return text[1:-1].strip() if len(text) >= 2 and text[0] == text[-1] == '"' else text
 
 
-def parse_record(record: dict) -> Question:
+def parse_record(record) -> Question:
     """A `Question` from one MathQA record (the seven string fields); raises OptionsError with a reason."""
-    problem = record.get("Problem")
-    if not isinstance(problem, str) or not problem.strip():
+    if isinstance(record, UnreadableRow):
+        raise OptionsError(record.reason)
+    if not isinstance(record, dict):
+        raise OptionsError("row not an object", type(record).__name__)
+    for field in ("Problem", "options", "correct"):
+        if record.get(field) is None:
+            raise OptionsError(f"missing {field}")
+    # Undecodable bytes read with errors="surrogateescape" show up as lone surrogates.
+    if any(isinstance(value, str) and _UNDECODED_RE.search(value) for value in record.values()):
+        raise OptionsError("not UTF-8")
+    problem = record["Problem"]
+    if not isinstance(problem, str):
+        raise OptionsError("Problem not text", type(problem).__name__)
+    if not problem.strip():
         raise OptionsError("empty problem")
-    options = parse_options(record.get("options"))
-    correct = str(record.get("correct") or "").strip().lower()
+    options = parse_options(record["options"])
+    correct = str(record["correct"]).strip().lower()
     if correct not in LETTERS or len(correct) != 1:
         raise OptionsError("answer not a-e", correct[:10])
     return Question(problem=problem.strip(), options=options, answer=LETTERS.index(correct),
@@ -175,7 +200,7 @@ def _csv_records(path: pathlib.Path) -> Iterator[dict]:
     These CSVs were made by splitting options on every comma: values keep stray spaces and, for rows that
     were Python lists, quotes and brackets, which are stripped here. Thousands commas are lost for good.
     """
-    with open(path, newline="", encoding="utf-8") as file:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as file:
         for row in csv.DictReader(file):
             values = [(row.get(f"option_{letter}") or "").strip().strip("'[]\" ").strip() for letter in LETTERS]
             options = " , ".join(f"{letter} ) {value}" for letter, value in zip(LETTERS, values) if value)
@@ -183,9 +208,34 @@ def _csv_records(path: pathlib.Path) -> Iterator[dict]:
                    "correct": row.get("correct"), "category": row.get("category") or ""}
 
 
-def read_file(path: pathlib.Path) -> list[dict]:
-    """Records of one local file: a JSON list, jsonl, parquet or per-category CSV."""
+def _jsonl_records(data: bytes) -> list:
+    """One record per non-blank line; a line that is not UTF-8 or not JSON is an UnreadableRow."""
+    records = []
+    for line in data.splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line.decode("utf-8")))
+        except UnicodeDecodeError:
+            records.append(UnreadableRow("not UTF-8"))
+        except ValueError:
+            records.append(UnreadableRow("broken json line"))
+    return records
+
+
+def read_file(path: pathlib.Path) -> list:
+    """Records of one local file: a JSON list, jsonl, parquet or per-category CSV.
+
+    Rows that cannot be read are returned too (as UnreadableRow, or with their undecodable bytes kept as
+    surrogates) so `parse_records` counts them; a file that cannot be read as a whole raises DataError.
+    """
+    if path.suffix not in (".json", ".jsonl", ".parquet", ".csv"):
+        raise DataError(f"the MathQA file {path} is not .json, .jsonl, .parquet or .csv; convert it")
     try:
+        data = path.read_bytes()
+        if not data.strip():
+            raise DataError(f"the MathQA file {path} is empty ({len(data)} bytes); replace it with a copy that holds "
+                            f"MathQA records, or remove it")
         if path.suffix == ".csv":
             return list(_csv_records(path))
         if path.suffix == ".parquet":
@@ -193,17 +243,20 @@ def read_file(path: pathlib.Path) -> list[dict]:
 
             return pq.read_table(path).to_pylist()
         if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as file:
-                return [json.loads(line) for line in file if line.strip()]
-        if path.suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(data, dict):  # {"data": [...]}-style wrappers
-                data = next((v for v in data.values() if isinstance(v, list)), [])
-            return list(data)
-    except (OSError, ValueError) as error:
-        raise DataError(f"cannot read MathQA file {path} ({type(error).__name__}: {error}); check that it is "
-                        f"a JSON list, jsonl, parquet or CSV of MathQA records") from error
-    raise DataError(f"the MathQA file {path} is not .json, .jsonl, .parquet or .csv; convert it")
+            return _jsonl_records(data)
+        data = json.loads(data.decode("utf-8", errors="surrogateescape"))
+        if isinstance(data, dict):  # {"data": [...]}-style wrappers
+            data = next((v for v in data.values() if isinstance(v, list)), [])
+        if not isinstance(data, list):
+            raise DataError(f"the MathQA file {path} holds a JSON {type(data).__name__}, not a list of records; "
+                            f"replace it with a JSON list of MathQA records")
+        return data
+    except DataError:
+        raise
+    except (OSError, ValueError, TypeError, csv.Error) as error:  # pyarrow's ArrowInvalid is a ValueError
+        first_line = (str(error).strip().splitlines() or [""])[0][:120]
+        raise DataError(f"cannot read the MathQA file {path} ({type(error).__name__}: {first_line}); check that it "
+                        f"is a complete JSON list, jsonl, parquet or CSV of MathQA records") from error
 
 
 def local_split_files(folder: str, split: str) -> list[pathlib.Path]:
@@ -239,13 +292,15 @@ def _files_in(folder: pathlib.Path) -> list[pathlib.Path]:
 def load_questions(mathqa_cfg, split: str) -> tuple[list[Question], ParseReport]:
     """Questions of `split` (a split name, or a local path) from the configured source, with the report.
 
-    The synthetic source generates `mathqa.synthetic_problems` for train and a tenth of that for others.
+    The synthetic source generates `mathqa.synthetic_problems` for train and a tenth of that for others;
+    splits other than TRAINING_SPLITS draw only held-out problems (synthetic.is_held_out).
     """
     source = mathqa_cfg.source
     if source == "synthetic":
         n = mathqa_cfg.synthetic_problems
         size = n if split == "train" else max(1, n // 10)
-        records = synthetic.generate_problems(size, SYNTHETIC_SEEDS.get(split, 4))
+        held_out = split not in TRAINING_SPLITS
+        records = synthetic.generate_problems(size, SYNTHETIC_SEEDS.get(split, 4), held_out=held_out)
     elif source == "hub":
         name = mathqa_cfg.path or HUB_NAME
         hub_split = HUB_SPLITS.get(split, split)
@@ -263,26 +318,38 @@ def load_questions(mathqa_cfg, split: str) -> tuple[list[Question], ParseReport]
 def load_splits(mathqa_cfg) -> tuple[dict[str, list[Question]], dict[str, dict]]:
     """{"train", "val", "test"} questions and each split's parse report summary.
 
-    With `mathqa.val_split == ""` validation is carved out of train: a seeded `val_fraction` of it.
+    With `mathqa.val_split == ""` validation is carved out of train (`carve_validation`).
     """
     splits, reports = {}, {}
-    splits["train"], train_report = load_questions(mathqa_cfg, mathqa_cfg.train_split)
+    train, train_report = load_questions(mathqa_cfg, mathqa_cfg.train_split)
     reports["train"] = train_report.summary()
     if mathqa_cfg.val_split:
+        splits["train"] = train
         splits["val"], report = load_questions(mathqa_cfg, mathqa_cfg.val_split)
         reports["val"] = report.summary()
     else:
-        train = splits["train"]
-        order = np.random.default_rng([mathqa_cfg.seed, 2357]).permutation(len(train))
-        n_val = max(1, int(round(len(train) * mathqa_cfg.val_fraction)))
-        if n_val >= len(train):
-            raise DataError(f"the MathQA train split has {len(train)} questions, too few to carve out validation; "
-                            f"set --config.mathqa.val_split")
-        splits["val"] = [train[i] for i in sorted(order[:n_val])]
-        splits["train"] = [train[i] for i in sorted(order[n_val:])]
+        splits["train"], splits["val"] = carve_validation(mathqa_cfg, train)
     splits["test"], report = load_questions(mathqa_cfg, mathqa_cfg.test_split)
     reports["test"] = report.summary()
     return splits, reports
+
+
+def carve_validation(mathqa_cfg, train: list[Question]) -> tuple[list[Question], list[Question]]:
+    """(train, val): a seeded `mathqa.val_fraction` of the loaded train split is validation, the rest train."""
+    order = np.random.default_rng([mathqa_cfg.seed, 2357]).permutation(len(train))
+    n_val = max(1, int(round(len(train) * mathqa_cfg.val_fraction)))
+    if n_val >= len(train):
+        raise DataError(f"the MathQA train split has {len(train)} questions, too few to carve out validation; "
+                        f"set --config.mathqa.val_split")
+    return [train[i] for i in sorted(order[n_val:])], [train[i] for i in sorted(order[:n_val])]
+
+
+def shot_pool(mathqa_cfg) -> list[Question]:
+    """The questions few-shot examples are drawn from: the fine-tune train split exactly as `load_splits`
+    gives it (without the validation carve-out when `mathqa.val_split == ""`). The fine-tune stage's
+    evaluation and `python -m jaxllm.eval` both draw from it, so they score the same prompts."""
+    train, _ = load_questions(mathqa_cfg, mathqa_cfg.train_split)
+    return train if mathqa_cfg.val_split else carve_validation(mathqa_cfg, train)[0]
 
 
 # --------------------------------------------------------------------------------------- formatting

@@ -6,18 +6,29 @@ linear_formula, category), written the way MathQA writes them: lower-case, space
 letter at a random position, and every answer exact. Records are pure data so the MathQA stage can reuse
 them; `format_document` turns one into pretraining text.
 
-Record i depends only on (seed, i): `generate_problems(n, seed)` is a prefix of `generate_problems(m, seed)`
-for n <= m.
+Record i depends only on (seed, i, held_out): `generate_problems(n, seed)` is a prefix of
+`generate_problems(m, seed)` for n <= m.
+
+Held-out problems. Each template has a small space of problem texts (9 dice sums, 38 squares), so two
+seeds share many problems: a 20000-document pretraining corpus would hold most evaluation questions
+verbatim. Instead every problem text is on one side of a fixed line: `is_held_out(text)` (a stable hash,
+one text in HELD_OUT_EVERY) marks the texts that only evaluation splits may use. Training corpora draw
+with `held_out=False` and evaluation splits with `held_out=True`, so no evaluation problem appears in any
+training text, whatever the seeds and sizes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
 
 # Bump when the generated text changes, so prepared token caches built from older records are not reused.
-VERSION = 1
+VERSION = 2  # 2: held-out problem texts (is_held_out) left out of training corpora
+HELD_OUT_EVERY = 8  # one problem text in 8 is reserved for evaluation (every template keeps some: dice 3 of 9)
+_HELD_OUT_SALT = b"jaxllm synthetic held-out v1"
+MAX_DRAWS = 1000  # draws of one record before giving up (a 1-in-8 side is found in ~8 on average)
 LETTERS = "abcde"
 CATEGORIES = ("general", "physics", "gain", "geometry", "other", "probability")
 
@@ -251,11 +262,27 @@ TEMPLATES = (_speed, _travel_time, _train_pole, _work_together, _profit_percent,
              _rectangle_area, _rectangle_perimeter, _square_area, _ratio_share, _average, _ball_draw, _dice_sum)
 
 
-def make_problem(seed: int, index: int) -> dict:
-    """Problem `index` of the corpus with `seed`: a dict of MathQA's seven string fields."""
-    rng = np.random.default_rng([seed, index])
-    template = TEMPLATES[rng.integers(len(TEMPLATES))]
-    problem, rationale, answer, distractors, annotated, linear, category = template(rng)
+def is_held_out(problem: str) -> bool:
+    """Whether the problem text `problem` is reserved for evaluation splits (a fixed 1/HELD_OUT_EVERY of
+    all texts, by sha256: the same in every process, for every seed)."""
+    digest = hashlib.sha256(_HELD_OUT_SALT + problem.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") % HELD_OUT_EVERY == 0
+
+
+def make_problem(seed: int, index: int, held_out: bool = False) -> dict:
+    """Problem `index` of the corpus with `seed`: a dict of MathQA's seven string fields.
+
+    Its problem text is held out (`is_held_out`) exactly when `held_out` is: draws that land on the
+    other side are redrawn from (seed, index, draw).
+    """
+    for draw in range(MAX_DRAWS):
+        rng = np.random.default_rng([seed, index] if draw == 0 else [seed, index, draw])
+        template = TEMPLATES[rng.integers(len(TEMPLATES))]
+        problem, rationale, answer, distractors, annotated, linear, category = template(rng)
+        if is_held_out(problem) == held_out:
+            break
+    else:
+        raise RuntimeError(f"no {'held-out' if held_out else 'training'} problem in {MAX_DRAWS} draws")
     # Shuffle the answer among the distractors so neither its position nor any ordering gives it away;
     # sometimes option e is MathQA's "none of these" (never the answer, as in most MathQA rows).
     values = list(distractors[:3]) + [answer] if rng.random() < 0.25 else list(distractors) + [answer]
@@ -276,9 +303,13 @@ def make_problem(seed: int, index: int) -> dict:
     }
 
 
-def generate_problems(n: int, seed: int) -> list[dict]:
-    """`n` synthetic MathQA-style records; the same (n, seed) always gives the same list."""
-    return [make_problem(seed, i) for i in range(n)]
+def generate_problems(n: int, seed: int, held_out: bool = False) -> list[dict]:
+    """`n` synthetic MathQA-style records; the same (n, seed, held_out) always gives the same list.
+
+    held_out=False (training corpora) never yields a held-out problem text, held_out=True (evaluation
+    splits) only those.
+    """
+    return [make_problem(seed, i, held_out) for i in range(n)]
 
 
 def format_document(record: dict) -> str:
