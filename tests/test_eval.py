@@ -68,7 +68,7 @@ def test_cached_scorer_equals_one_row_per_option():
     # max_length leaves every context whole, so both layouts score exactly the same tokens
     kwargs = dict(shots=1, seed=0, max_length=512, batch_size=10, pad_multiple=16, mesh=mesh)
     plain = eval_lib.evaluate_mc(eval_lib.make_score_fn(model, mesh), params, ByteTokenizer(), qs, qs, **kwargs)
-    cached = eval_lib.evaluate_mc(eval_lib.make_cached_score_fn(c.model, mesh), params, ByteTokenizer(), qs, qs,
+    cached = eval_lib.evaluate_mc(eval_lib.make_cached_score_fn(model, mesh), params, ByteTokenizer(), qs, qs,
                                   **kwargs)
     assert plain == cached
     # and the scores themselves agree (left padding + RoPE's relative positions change nothing)
@@ -81,7 +81,7 @@ def test_cached_scorer_equals_one_row_per_option():
 
     eval_lib._evaluate_cached = spy
     try:
-        eval_lib.evaluate_mc(eval_lib.make_cached_score_fn(c.model, mesh), params, ByteTokenizer(), qs, qs, **kwargs)
+        eval_lib.evaluate_mc(eval_lib.make_cached_score_fn(model, mesh), params, ByteTokenizer(), qs, qs, **kwargs)
     finally:
         eval_lib._evaluate_cached = original
     score = eval_lib.make_score_fn(model, mesh)

@@ -1,0 +1,33 @@
+"""MoE through every stage: pretrain -> finetune -> the eval CLI -> the generate CLI on a tiny MoE llama."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jaxllm import eval as eval_lib
+from jaxllm import generate as generate_lib
+from jaxllm import train as train_lib
+from jaxllm.metrics import read_metrics
+from test_stages import staged_config
+
+
+@pytest.mark.parametrize("mode", ["capacity"])
+def test_moe_run_goes_through_finetune_eval_and_generate(tmp_path, capsys, mode):
+    """On main the finetune stage refused the MoE checkpoint ("does not fit model llama") and eval/generate
+    read the stacked expert kernels [E, D, F] as dense ones."""
+    config = staged_config(tmp_path, **{"moe.n_experts": 4, "moe.top_k": 2, "moe.mode": mode, "moe.every": 2,
+                                        "moe.group_size": 16, "mathqa.pad_multiple": 16,
+                                        "finetune.train.steps": 2, "mathqa.eval_shots": "0"})
+    summary = train_lib.run_stages(config, tmp_path / "run")
+    assert summary["finetune"]["step"] == 2
+    stage = tmp_path / "run" / "finetune"
+    assert any(r["split"] == "mathqa" and r["n"] == 4 for r in read_metrics(stage / "metrics.jsonl"))
+    capsys.readouterr()
+    assert eval_lib.main(["--workdir", str(tmp_path / "run"), "--shots", "1", "--max_questions", "3"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["n"] == 3 and 0 <= row["acc"] <= 1 and row["step"] == 2
+    assert generate_lib.main(["--workdir", str(tmp_path / "run"), "--prompt", "Question: 1 + 1",
+                              "--max_new_tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("Question: 1 + 1")
