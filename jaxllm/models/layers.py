@@ -196,9 +196,9 @@ class CausalSelfAttention(nn.Module):
         q_BxLxHxK = proj(h * k, self.init_std, name="q")(x_BxLxD).reshape(b, l, h, k)
         k_BxLxGxK = proj(g * k, self.init_std, name="k")(x_BxLxD).reshape(b, l, g, k)
         v_BxLxGxK = proj(g * k, self.init_std, name="v")(x_BxLxD).reshape(b, l, g, k)
-        positions_L = jnp.arange(l) if cache is None else position + jnp.arange(l)
+        positions_L = None if cache is None else position + jnp.arange(l)  # decoding: where the tokens sit
         if self.use_rope:
-            cos_LxHalf, sin_LxHalf = rope_angles(positions_L, k, self.rope_theta)
+            cos_LxHalf, sin_LxHalf = rope_angles(jnp.arange(l) if cache is None else positions_L, k, self.rope_theta)
             q_BxLxHxK = apply_rope(q_BxLxHxK, cos_LxHalf, sin_LxHalf)
             k_BxLxGxK = apply_rope(k_BxLxGxK, cos_LxHalf, sin_LxHalf)
         if cache is not None:
