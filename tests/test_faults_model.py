@@ -6,20 +6,27 @@ import json
 
 import pytest
 
+from jaxllm import checkpoint as checkpoint_lib
+from jaxllm import config as config_lib
 from jaxllm import eval as eval_lib
+from jaxllm import finetune as finetune_lib
 from jaxllm import generate as generate_lib
 from jaxllm import train as train_lib
 from jaxllm.metrics import read_metrics
 from test_stages import staged_config
 
 
-@pytest.mark.parametrize("mode", ["capacity"])
-def test_moe_run_goes_through_finetune_eval_and_generate(tmp_path, capsys, mode):
+@pytest.mark.parametrize("mode, lora_rank", [
+    ("capacity", 0),
+    pytest.param("dropless", 2, marks=pytest.mark.slow),  # LoRA on every expert kernel as well
+])
+def test_moe_run_goes_through_finetune_eval_and_generate(tmp_path, capsys, mode, lora_rank):
     """On main the finetune stage refused the MoE checkpoint ("does not fit model llama") and eval/generate
     read the stacked expert kernels [E, D, F] as dense ones."""
-    config = staged_config(tmp_path, **{"moe.n_experts": 4, "moe.top_k": 2, "moe.mode": mode, "moe.every": 2,
-                                        "moe.group_size": 16, "mathqa.pad_multiple": 16,
-                                        "finetune.train.steps": 2, "mathqa.eval_shots": "0"})
+    overrides = {"moe.n_experts": 4, "moe.top_k": 2, "moe.mode": mode, "moe.every": 2, "moe.group_size": 16,
+                 "mathqa.pad_multiple": 16, "finetune.train.steps": 2, "mathqa.eval_shots": "0",
+                 "finetune.lora.rank": lora_rank}
+    config = staged_config(tmp_path, **overrides)
     summary = train_lib.run_stages(config, tmp_path / "run")
     assert summary["finetune"]["step"] == 2
     stage = tmp_path / "run" / "finetune"
@@ -31,3 +38,7 @@ def test_moe_run_goes_through_finetune_eval_and_generate(tmp_path, capsys, mode)
     assert generate_lib.main(["--workdir", str(tmp_path / "run"), "--prompt", "Question: 1 + 1",
                               "--max_new_tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("Question: 1 + 1")
+    # A dense fine-tune of this MoE checkpoint is refused by name, before anything is restored.
+    dense = config_lib.stage_config(staged_config(tmp_path, **{**overrides, "moe.n_experts": 0}), "finetune")
+    with pytest.raises(checkpoint_lib.CheckpointError, match=r"moe.n_experts is 4 there, 0 here"):
+        finetune_lib.initial_params(dense, tmp_path / "run" / "pretrain")
