@@ -16,21 +16,22 @@ from jaxllm.metrics import read_metrics
 from test_stages import staged_config
 
 
-@pytest.mark.parametrize("mode, lora_rank", [
-    ("capacity", 0),
-    pytest.param("dropless", 2, marks=pytest.mark.slow),  # LoRA on every expert kernel as well
+@pytest.mark.parametrize("mode, lora_rank, shots", [
+    ("capacity", 0, ""),  # ~65 s of CPU: the eval CLI below runs the same scoring as the stage's own
+    pytest.param("dropless", 2, "0", marks=pytest.mark.slow),  # LoRA on every expert kernel, the stage's scoring
 ])
-def test_moe_run_goes_through_finetune_eval_and_generate(tmp_path, capsys, mode, lora_rank):
+def test_moe_run_goes_through_finetune_eval_and_generate(tmp_path, capsys, mode, lora_rank, shots):
     """On main the finetune stage refused the MoE checkpoint ("does not fit model llama") and eval/generate
     read the stacked expert kernels [E, D, F] as dense ones."""
     overrides = {"moe.n_experts": 4, "moe.top_k": 2, "moe.mode": mode, "moe.every": 2, "moe.group_size": 16,
-                 "mathqa.pad_multiple": 16, "finetune.train.steps": 2, "mathqa.eval_shots": "0",
+                 "mathqa.pad_multiple": 16, "finetune.train.steps": 2, "mathqa.eval_shots": shots,
                  "finetune.lora.rank": lora_rank}
     config = staged_config(tmp_path, **overrides)
     summary = train_lib.run_stages(config, tmp_path / "run")
     assert summary["finetune"]["step"] == 2
     stage = tmp_path / "run" / "finetune"
-    assert any(r["split"] == "mathqa" and r["n"] == 4 for r in read_metrics(stage / "metrics.jsonl"))
+    scored = [r for r in read_metrics(stage / "metrics.jsonl") if r["split"] == "mathqa"]
+    assert [r["n"] for r in scored] == ([4] if shots else [])
     capsys.readouterr()
     assert eval_lib.main(["--workdir", str(tmp_path / "run"), "--shots", "1", "--max_questions", "3"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
