@@ -83,6 +83,7 @@ def test_capacity_model_decodes_dropless():
     assert np.abs(cached - capacity_full).max() > 1e-2
 
 
+@pytest.mark.slow  # the cached-logits test above and the MoE stage test cover it in the fast suite
 def test_moe_generation_equals_full_forward_argmax():
     c = tiny(**MOE, **{"model.init_std": 0.2})
     model = models.build(c)

@@ -29,8 +29,8 @@ from jaxllm.models.layers import mlp_hidden, residual_dtype
 from jaxllm.models.llama import Llama
 from jaxllm.models.moe import MoESpec
 
-__all__ = ["GPT2", "Llama", "build", "build_model", "init_cache", "count_params", "param_count", "active_param_count", "flops_per_token",
-           "mlp_hidden", "residual_dtype", "lm_head_matrix"]
+__all__ = ["GPT2", "Llama", "build", "build_model", "init_cache", "count_params", "param_count",
+           "active_param_count", "flops_per_token", "mlp_hidden", "residual_dtype", "lm_head_matrix"]
 
 
 def build_model(model_cfg, moe_cfg=None) -> nn.Module:
