@@ -133,3 +133,19 @@ class Checkpointer:
         """Finish a save in flight, then release orbax's threads."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def moe_shape_signature(config) -> dict[str, int]:
+    """The moe fields that shape the parameters (a dense model: n_experts 0 only)."""
+    e = config.get("moe")
+    return {"n_experts": e.n_experts, "every": e.every} if e is not None and e.n_experts else {"n_experts": 0}
+
+
+def check_moe_compatible(checkpointer: Checkpointer, step: int, config) -> None:
+    """Refuse a checkpoint whose experts differ from `config`'s (checkpoints without the field were dense)."""
+    saved = checkpointer.read_meta(step).get("moe_shape", {"n_experts": 0})
+    for name, value in moe_shape_signature(config).items():
+        if saved.get(name) != value:
+            raise CheckpointError(
+                f"{checkpointer.directory} holds a checkpoint of a different model (moe.{name} is {saved.get(name)} "
+                f"there, {value} here); use a new --workdir or the same model settings")

@@ -390,6 +390,14 @@ def _validate_moe(config: ml_collections.ConfigDict) -> None:
     _positive(e.group_size, "moe.group_size", allow_zero=True)
     if e.group_size and m.sequence_length % e.group_size:
         raise ConfigError(f"moe.group_size ({e.group_size}) must divide model.sequence_length ({m.sequence_length})")
+    if e.mode == "capacity" and e.group_size and "finetune" in stage_names(config):
+        # the finetune stage's batches are padded to multiples of mathqa.pad_multiple, at most max_length
+        q = config.mathqa
+        lengths = {"mathqa.max_length": q.max_length or m.sequence_length, "mathqa.pad_multiple": q.pad_multiple}
+        for path, length in lengths.items():
+            if length and length % e.group_size:
+                raise ConfigError(f"moe.group_size ({e.group_size}) must divide {path} ({length}), the lengths the "
+                                  "finetune stage's batches are padded to; change one of them or set moe.group_size=0")
     for path in ("moe.aux_loss_coef", "moe.z_loss_coef"):
         _positive(e[path.split(".")[1]], path, allow_zero=True)
 def _validate_stages(config) -> None:
@@ -431,6 +439,10 @@ def _validate_stages(config) -> None:
         raise ConfigError("finetune.lora.targets is empty; name some of q,k,v,o,gate,up,down")
     if lora.rank and config.model.name != "llama":
         raise ConfigError("LoRA (finetune.lora.rank > 0) is implemented for llama only; set finetune.lora.rank=0")
+    if lora.rank and lora.dropout and config.moe.n_experts and {"gate", "up", "down"} & set(targets):
+        raise ConfigError(f"finetune.lora.dropout ({lora.dropout}) cannot reach the adapters of mixture-of-experts "
+                          "kernels (gate, up, down adapt the expert weights themselves); set finetune.lora.dropout=0 "
+                          "or finetune.lora.targets=q,k,v,o")
     if "finetune" in names:
         if "pretrain" not in names and not config.finetune.init_from:
             raise ConfigError("stages has finetune without pretrain, so finetune.init_from must name a checkpoint "

@@ -31,7 +31,6 @@ import numpy as np
 
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
-from jaxllm import generate as generate_lib
 from jaxllm import hugepages, models, sharding
 from jaxllm.generate import load_params, stage_dir
 from jaxllm.data import mathqa
@@ -66,24 +65,27 @@ def make_score_fn(model, mesh):
     return jax.jit(score, in_shardings=(replicated, sharding.batch_sharding(mesh)), out_shardings=replicated)
 
 
-def make_cached_score_fn(model_cfg, mesh):
-    """jit `score(params, context_QxP, start_Q, options_5QxC, weights_5QxC) -> float32 [5Q]` for llama.
+def make_cached_score_fn(model, mesh):
+    """jit `score(params, context_QxP, start_Q, options_5QxC, weights_5QxC) -> float32 [5Q]` for a llama.
 
-    The context of each of Q questions runs once (left-padded to P; `start_Q` = its first real position)
-    and fills a KV cache; the five continuations (rows 5q..5q+4, right-padded to C) then run on copies of
-    it. The first continuation token is scored by the context's last logits. This is the same sum of
-    log-probabilities as `make_score_fn`'s, for about a fifth of the compute when contexts are long.
+    `model` is `models.build(config)`'s, run in its KV-cache mode (models/llama.py). The context of each of
+    Q questions runs once (left-padded to P; `start_Q` = its first real position) and fills the cache; the
+    five continuations (rows 5q..5q+4, right-padded to C) then run on copies of it. The first continuation
+    token is scored by the context's last logits. This is the same sum of log-probabilities as
+    `make_score_fn`'s, for about a fifth of the compute when contexts are long; MoE layers route each
+    token to exactly its top-k experts (dropless), whatever `moe.mode` says (models/moe.py).
     """
     replicated, split = sharding.replicated(mesh), sharding.batch_sharding(mesh)
 
     def score(params, context_QxP, start_Q, options_5QxC, weights_5QxC):
         q, p = context_QxP.shape
         c = options_5QxC.shape[1]
-        cache = generate_lib.init_cache(model_cfg, q, p + c, jnp.dtype(model_cfg.dtype))
-        logits_QxPxV, cache = generate_lib.forward_cached(params, model_cfg, context_QxP, cache, jnp.int32(0), start_Q)
-        cache = jax.tree.map(lambda x: jnp.repeat(x, 5, axis=1), cache)
-        logits_5QxCxV, _ = generate_lib.forward_cached(params, model_cfg, options_5QxC, cache, jnp.int32(p),
-                                                       jnp.repeat(start_Q, 5))
+        variables = {"params": params}
+        cache = models.init_cache(model, q, p + c)
+        logits_QxPxV, cache = model.apply(variables, context_QxP, cache=cache, position=jnp.int32(0), start_B=start_Q)
+        cache = jax.tree.map(lambda x: jnp.repeat(x, 5, axis=0), cache)
+        logits_5QxCxV, _ = model.apply(variables, options_5QxC, cache=cache, position=jnp.int32(p),
+                                       start_B=jnp.repeat(start_Q, 5))
         # Token j of a continuation is predicted by position j - 1: the context's last position for j = 0.
         first_5Qx1xV = jnp.repeat(logits_QxPxV[:, -1:], 5, axis=0)
         logits_5QxCxV = jnp.concatenate([first_5Qx1xV, logits_5QxCxV[:, :-1]], axis=1)
@@ -210,10 +212,8 @@ def run_mc(config, params, model, tokenizer, mesh, questions, train_questions, s
     """`evaluate_mc` with the batch sizes and lengths of `config.mathqa` (`eval_max_length`), timed."""
     q = config.mathqa
     start = time.monotonic()
-    if config.model.name == "llama":
-        score_fn = make_cached_score_fn(config.model, mesh)
-    else:
-        score_fn = make_score_fn(model, mesh)
+    # llama: one context per question in a KV cache; gpt2's learned positions cannot be left-padded.
+    score_fn = make_cached_score_fn(model, mesh) if isinstance(model, models.Llama) else make_score_fn(model, mesh)
     result = evaluate_mc(score_fn, params, tokenizer, questions, train_questions, shots=shots,
                          seed=q.seed, max_length=eval_max_length(config),
                          batch_size=q.eval_batch_size, pad_multiple=q.pad_multiple, mesh=mesh)
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         mesh = sharding.make_mesh(config.train.num_devices)
         if config.mathqa.eval_batch_size % mesh.size:
             config.mathqa.eval_batch_size = -(-config.mathqa.eval_batch_size // mesh.size) * mesh.size
-        model = models.build_model(config.model)
+        model = models.build(config)
         result = run_mc(config, params, model, tokenizer, mesh, questions, train_questions, args.shots)
     except (DataError, TokenizerError, checkpoint_lib.CheckpointError, config_lib.ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)

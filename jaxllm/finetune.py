@@ -42,7 +42,7 @@ class FinetuneError(RuntimeError):
 
 def build(config):
     """(model, optimizer, schedule) of the stage: LoRA-wrapped with a frozen base when lora.rank > 0."""
-    model = models.build_model(config.model)
+    model = models.build(config)
     optimizer, schedule = optim.make_optimizer(config), optim.make_schedule(config)
     lora = config.finetune.lora
     if lora.rank:
@@ -60,11 +60,12 @@ def initial_params(config, init_from: str | pathlib.Path):
     checkpointer = checkpoint_lib.Checkpointer(folder)
     try:
         checkpointer.check_compatible(step, config.model)
+        checkpoint_lib.check_moe_compatible(checkpointer, step, config)
         state, _ = checkpointer.restore_saved(step)
     finally:
         checkpointer.close()
     params = lora_lib.merge(state["params"], config.finetune.lora.alpha)
-    expected = models.abstract_params(config.model)
+    expected = models.abstract_params(config.model, config.moe)
     mismatched = [f"{jax.tree_util.keystr(path)} {getattr(leaf, 'shape', None)}"
                   for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]
                   if _lookup(params, path) is None or tuple(_lookup(params, path).shape) != tuple(leaf.shape)]
@@ -73,7 +74,7 @@ def initial_params(config, init_from: str | pathlib.Path):
                             f"{', '.join(mismatched[:5]) or 'different parameter names'}; use the same model settings")
     params = jax.tree.map(lambda p, e: jnp.asarray(p, e.dtype), params, expected)
     if config.finetune.lora.rank:
-        model = lora_lib.LoraModel(models.build_model(config.model), rank=config.finetune.lora.rank,
+        model = lora_lib.LoraModel(models.build(config), rank=config.finetune.lora.rank,
                                    alpha=config.finetune.lora.alpha, dropout=config.finetune.lora.dropout,
                                    targets=config.finetune.lora.targets)
         params = {"base": params, "lora": model.init_adapters(jax.random.key(config.seed), params)}
@@ -129,6 +130,7 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
         meta = {}
     else:
         checkpointer.check_compatible(latest, m)
+        checkpoint_lib.check_moe_compatible(checkpointer, latest, config)
         abstract = jax.eval_shape(lambda: _fresh_state(model, optimizer, config))
         state, meta = checkpointer.restore(latest, abstract, jax.tree.map(lambda _: replicated, abstract))
     opt_bytes, param_bytes = lora_lib.tree_bytes(state.opt_state), lora_lib.tree_bytes(state.params)
@@ -154,7 +156,8 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
 
     def save(step_number: int, state, loop_meta: dict[str, Any]) -> None:
         checkpointer.save(step_number, state, {"step": step_number, "stage": "finetune", **loop_meta,
-                                               "model_shape": checkpoint_lib.shape_signature(m)})
+                                               "model_shape": checkpoint_lib.shape_signature(m),
+                                               "moe_shape": checkpoint_lib.moe_shape_signature(config)})
 
     try:
         result = loop.run_loop(
@@ -191,7 +194,7 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
     if lora_lib.is_lora(params):
         params = lora_lib.merge(params, config.finetune.lora.alpha)
         _export(workdir / "export", params)
-    base_model = models.build_model(m)
+    base_model = models.build(config)
     test = questions["test"][:q.eval_questions] if q.eval_questions else questions["test"]
     for shots in [int(s) for s in q.eval_shots.split(",") if s.strip()]:
         if shots in done_shots:

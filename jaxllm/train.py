@@ -65,22 +65,6 @@ def check_vocab(config, tokenizer) -> None:
                           f"tokenizer's {tokenizer.n_vocab} ids; set --config.model.vocab_size={padded}")
 
 
-def moe_shape_signature(config) -> dict[str, int]:
-    """The moe fields that shape the parameters (a dense model: n_experts 0 only)."""
-    e = config.moe
-    return {"n_experts": e.n_experts, "every": e.every} if e.n_experts else {"n_experts": 0}
-
-
-def check_moe_compatible(checkpointer, step: int, config) -> None:
-    """Refuse to resume a checkpoint whose experts differ (checkpoints without the field were dense)."""
-    saved = checkpointer.read_meta(step).get("moe_shape", {"n_experts": 0})
-    for name, value in moe_shape_signature(config).items():
-        if saved.get(name) != value:
-            raise checkpoint_lib.CheckpointError(
-                f"{checkpointer.directory} holds a checkpoint of a different model (moe.{name} is {saved.get(name)} "
-                f"there, {value} here); use a new --workdir or the same model settings")
-
-
 def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Train (or resume) the run in `workdir`; return the final metrics."""
     config_lib.validate(config)
@@ -98,7 +82,7 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     latest = checkpointer.latest_step()
     if latest is not None:
         checkpointer.check_compatible(latest, m)
-        check_moe_compatible(checkpointer, latest, config)
+        checkpoint_lib.check_moe_compatible(checkpointer, latest, config)
 
     train_tokens = batches_lib.open_tokens(data_dir / "train.bin")
     val_tokens = batches_lib.open_tokens(data_dir / "val.bin")
@@ -135,7 +119,7 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     def save(step_number: int, state, loop_meta: dict[str, Any]) -> None:
         checkpointer.save(step_number, state, {
             "step": step_number, **loop_meta,
-            "model_shape": checkpoint_lib.shape_signature(m), "moe_shape": moe_shape_signature(config)})
+            "model_shape": checkpoint_lib.shape_signature(m), "moe_shape": checkpoint_lib.moe_shape_signature(config)})
 
     def host_batch(step_number: int) -> dict[str, np.ndarray]:
         flat = batches_lib.train_batch(train_tokens, seed=config.data.seed, step=step_number,

@@ -154,7 +154,7 @@ def test_cached_scorer_equals_one_row_per_option(monkeypatch):
         return captured["scores"]
 
     monkeypatch.setattr(eval_lib, "_evaluate_cached", spy)
-    cached = eval_lib.evaluate_mc(eval_lib.make_cached_score_fn(c.model, mesh), params, tok, qs, qs, **kwargs)
+    cached = eval_lib.evaluate_mc(eval_lib.make_cached_score_fn(model, mesh), params, tok, qs, qs, **kwargs)
     assert plain == cached and plain["fewer_shots"] == 4 and plain["cut_prompts"] == 0
     # and the scores themselves agree (left padding + RoPE's relative positions change nothing)
     contexts, continuations, _, _ = eval_lib.mc_contexts(tok, qs, qs, shots=1, seed=0, max_length=max_length)

@@ -348,6 +348,35 @@ def test_checkpoint_of_a_dense_model_is_refused_by_an_moe_run(tmp_path):
         train_lib.train(moe_config(tmp_path, **{"train.steps": 4}), tmp_path / "run")
 
 
+def test_group_size_reaches_the_model_through_the_config(tmp_path):
+    """moe.group_size in the config changes capacity routing (on main build_model never passed it on:
+    group sizes 0 and 4 gave the same logits and drop fractions)."""
+    tokens_BxL = jax.random.randint(jax.random.key(1), (4, 32), 0, 320)
+
+    def forward(group_size):
+        config = moe_config(tmp_path, "capacity", **{"moe.group_size": group_size, "moe.capacity_factor": 1.0,
+                                                     "model.init_std": 0.3})
+        model = models.build_model(config.model, config.moe)
+        params = model.init(jax.random.key(0), tokens_BxL)["params"]
+        logits, state = model.apply({"params": params}, tokens_BxL, mutable=["intermediates"])
+        dropped = moe_lib.router_stats(state["intermediates"])["dropped_fraction"]
+        return np.asarray(logits), float(np.mean([float(x) for x in dropped.values()]))
+
+    (whole, dropped_whole), (grouped, dropped_grouped) = forward(0), forward(4)
+    assert dropped_grouped > dropped_whole  # capacity 2 per 4 positions is tighter than 16 per 32
+    assert np.abs(whole - grouped).max() > 1e-4
+
+
+def test_group_size_must_divide_the_finetune_lengths():
+    c = default_config()
+    config_lib.apply_overrides(c, ["moe.n_experts=4", "moe.mode=capacity", "moe.group_size=32",
+                                   "stages=pretrain,finetune", "mathqa.pad_multiple=48"])
+    with pytest.raises(ConfigError, match=r"moe.group_size \(32\) must divide mathqa.pad_multiple \(48\)"):
+        config_lib.validate(c)
+    config_lib.apply_overrides(c, ["mathqa.pad_multiple=64"])
+    config_lib.validate(c)
+
+
 # --- config --------------------------------------------------------------------------------------------
 
 

@@ -6,7 +6,13 @@
 final-norm hidden states [B, L, D] instead, and `lm_head_matrix(params, model_cfg)` the head [D, V], for
 the fused LM head + cross-entropy. With a `moe` config section whose n_experts > 0 the llama MLPs of the
 selected layers are mixtures of experts (models/moe.py); every function here takes that section as an
-optional second argument.
+optional second argument. `build(config)` is `build_model(config.model, config.moe)`: what pretraining,
+the finetune stage (and its LoRA wrapper), eval and generation all construct.
+
+Decoding with a KV cache is the same module: `model.apply({"params": params}, tokens_BxT,
+cache=init_cache(model, B, S), position=p[, start_B=...])` -> (logits [B, T, V], updated cache), the T
+tokens at positions p .. p + T - 1 (models/llama.py). Without `cache` the module is the training forward,
+unchanged.
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ from jaxllm.models.layers import mlp_hidden, residual_dtype
 from jaxllm.models.llama import Llama
 from jaxllm.models.moe import MoESpec
 
-__all__ = ["GPT2", "Llama", "build_model", "count_params", "param_count", "active_param_count", "flops_per_token",
-           "mlp_hidden", "residual_dtype", "lm_head_matrix"]
+__all__ = ["GPT2", "Llama", "build", "build_model", "init_cache", "count_params", "param_count",
+           "active_param_count", "flops_per_token", "mlp_hidden", "residual_dtype", "lm_head_matrix"]
 
 
 def build_model(model_cfg, moe_cfg=None) -> nn.Module:
@@ -46,11 +52,26 @@ def build_model(model_cfg, moe_cfg=None) -> nn.Module:
                   remat=m.remat, attention=attention, residual_dtype=residual_dtype(m))
     if m.name == "gpt2":
         if moe is not None:
-            raise ValueError("mixture-of-experts MLPs are for llama; set moe.n_experts=0 for gpt2")
+            raise ConfigError("mixture-of-experts MLPs are for llama; set moe.n_experts=0 for gpt2")
         return GPT2(sequence_length=m.sequence_length, **common)
     if m.name == "llama":
         return Llama(n_kv_head=m.n_kv_head or m.n_head, rope_theta=m.rope_theta, moe=moe, **common)
     raise ValueError(f"model.name is '{m.name}'; choose one of gpt2, llama")
+
+
+def build(config) -> nn.Module:
+    """`build_model` of a whole config: its `model` section and its `moe` section (absent in configs saved
+    before mixture-of-experts existed: a dense model)."""
+    return build_model(config.model, config.get("moe"))
+
+
+def init_cache(model: nn.Module, batch: int, size: int) -> tuple[dict[str, jax.Array], ...]:
+    """An empty KV cache for `model` (a built GPT2 or Llama): per layer {"k", "v"} zeros [B, S, G, K] in the
+    compute dtype, for S = `size` positions (prompt + new tokens)."""
+    g = getattr(model, "n_kv_head", model.n_head)
+    shape = (batch, size, g, model.n_embd // model.n_head)
+    return tuple({"k": jnp.zeros(shape, model.dtype), "v": jnp.zeros(shape, model.dtype)}
+                 for _ in range(model.n_layer))
 
 
 def lm_head_matrix(params, model_cfg) -> jax.Array:

@@ -12,6 +12,10 @@ h // R, R = H / G):
   `__cudnn$fmha*` custom calls): bf16/fp16 only, head size a multiple of 8 and <= 128 (<= 256 from Hopper,
   compute capability 9.0), compute capability >= 8.0, no attention dropout (JAX's API takes none).
 
+Decoding with a KV cache (generation, MathQA scoring) runs `cached_attention` whatever the request: T new
+queries attend to the S positions of a cache under a mask, not the square causal shape the three kernels
+take.
+
 `attention_impl` turns the config's request ("auto" or one of the three) into the implementation, from
 facts known at trace time (backend, dtype, head size, dropout, compute capability), so the choice is a
 static Python string, and every branch of the table is testable on a CPU.
@@ -22,6 +26,8 @@ Shape letters as in layers.py.
 from __future__ import annotations
 
 from typing import Any
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -125,3 +131,28 @@ def causal_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.
     if keep_BxHxLxL is not None:
         raise ValueError(f"attention dropout needs the jaxllm implementation, not '{impl}'")
     return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True, implementation=impl)
+
+
+def cached_attention(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, positions_T: jax.Array,
+                     start_B: jax.Array | None = None) -> jax.Array:
+    """Attention of T queries at `positions_T` over a cache of S positions, [B, T, H, K] in q's dtype.
+
+    The query at position p sees the cached positions <= p (later slots are zeros or stale) and, when
+    `start_B` (int32 [B]) is given, none before row b's start (rows left-padded to a common length).
+    Same maths and dtypes as `causal_attention`: float32 scores and softmax, matmuls in q's dtype.
+    """
+    b, t, h, k = q_BxTxHxK.shape
+    s, g = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
+    visible_TxS = jnp.arange(s)[None, :] <= positions_T[:, None]
+    if start_B is not None:
+        visible_BxTxS = visible_TxS[None] & (jnp.arange(s)[None, None, :] >= start_B[:, None, None])
+        visible = visible_BxTxS[:, None, None]  # broadcast over the G, R head axes of the scores
+    else:
+        visible = visible_TxS
+    q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, h // g, k)
+    scores_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK.astype(q_BxTxHxK.dtype),
+                                  preferred_element_type=jnp.float32) / math.sqrt(k)
+    scores_BxGxRxTxS = jnp.where(visible, scores_BxGxRxTxS, jnp.finfo(jnp.float32).min)
+    probs_BxGxRxTxS = jax.nn.softmax(scores_BxGxRxTxS, axis=-1).astype(q_BxTxHxK.dtype)
+    out_BxTxGxRxK = jnp.einsum("bgrts,bsgk->btgrk", probs_BxGxRxTxS, v_BxSxGxK.astype(q_BxTxHxK.dtype))
+    return out_BxTxGxRxK.reshape(b, t, h, k)

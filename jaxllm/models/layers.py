@@ -167,6 +167,12 @@ class CausalSelfAttention(nn.Module):
     serves R = H/G consecutive query heads. Scores use scale 1/sqrt(K) and a float32 softmax; `attention`
     names the kernel (models/attention.py: "jaxllm", "xla" or "cudnn", already resolved from the config's
     request); attention dropout, when on, drops probabilities after the softmax (jaxllm only).
+
+    Decoding: given a `cache` {"k", "v": [B, S, G, K]} the T tokens of x sit at positions position ..
+    position + T - 1; their keys and values are written into the cache at those slots and the queries
+    attend to every cached position up to their own (`attention.cached_attention`, `start_B` hiding a
+    left-padded row's padding). Returns (output, the updated cache) then; without a cache the output alone,
+    by the training code path unchanged.
     """
 
     n_head: int
@@ -181,18 +187,26 @@ class CausalSelfAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, deterministic: bool = True, cache: dict | None = None,
+                 position: jax.Array | None = None, start_B: jax.Array | None = None):
         b, l, d = x_BxLxD.shape
         h, g = self.n_head, self.n_kv_head
-        r, k = h // g, d // h
+        k = d // h
         proj = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
         q_BxLxHxK = proj(h * k, self.init_std, name="q")(x_BxLxD).reshape(b, l, h, k)
         k_BxLxGxK = proj(g * k, self.init_std, name="k")(x_BxLxD).reshape(b, l, g, k)
         v_BxLxGxK = proj(g * k, self.init_std, name="v")(x_BxLxD).reshape(b, l, g, k)
+        positions_L = None if cache is None else position + jnp.arange(l)  # decoding: where the tokens sit
         if self.use_rope:
-            cos_LxHalf, sin_LxHalf = rope_angles(jnp.arange(l), k, self.rope_theta)
+            cos_LxHalf, sin_LxHalf = rope_angles(jnp.arange(l) if cache is None else positions_L, k, self.rope_theta)
             q_BxLxHxK = apply_rope(q_BxLxHxK, cos_LxHalf, sin_LxHalf)
             k_BxLxGxK = apply_rope(k_BxLxGxK, cos_LxHalf, sin_LxHalf)
+        if cache is not None:
+            at = (0, position, 0, 0)
+            cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k_BxLxGxK.astype(cache["k"].dtype), at),
+                     "v": jax.lax.dynamic_update_slice(cache["v"], v_BxLxGxK.astype(cache["v"].dtype), at)}
+            out_BxLxHxK = attention_lib.cached_attention(q_BxLxHxK, cache["k"], cache["v"], positions_L, start_B)
+            return proj(d, self.out_std, name="o")(out_BxLxHxK.reshape(b, l, h * k)), cache
         keep_BxHxLxL = None
         if self.dropout > 0 and not deterministic:
             keep_BxHxLxL = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout, (b, h, l, l))

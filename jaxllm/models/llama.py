@@ -3,6 +3,11 @@
 Parameter tree: embed/embedding [V, D], blocks_i/{attn_norm, attn/{q,k,v,o}, mlp_norm, mlp/{w1,w3,w2}},
 norm_f, and lm_head/kernel [D, V] when the head is untied; every linear weight is a "kernel", every norm
 weight a "scale". An MoE layer's mlp is {router, w1, w3, w2} with stacked expert kernels (models/moe.py).
+
+Decoding with a KV cache is the same module called with `cache` (`models.init_cache`), `position` and
+optionally `start_B` (see `Llama.__call__`); it returns the logits and the updated cache. MoE layers route
+every decoded or scored token to exactly its top-k experts (dropless): a step of one token has no
+sequence to share a capacity over, so `moe.mode` and `moe.group_size` apply to the training forward only.
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ class Block(nn.Module):
     residual_dtype: Dtype = jnp.float32  # the dtype of the stream x the block reads and returns
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, deterministic: bool = True, cache: dict | None = None,
+                 position: jax.Array | None = None, start_B: jax.Array | None = None):
+        """x [B, L, D] -> x; with a KV `cache` (decoding, layers.CausalSelfAttention): (x, updated cache)."""
         out_std = layers.residual_std(self.init_std, self.n_layer)
         norm = dict(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         attn = layers.CausalSelfAttention(
@@ -55,20 +62,32 @@ class Block(nn.Module):
         else:
             mlp = MoEFeedForward(n_experts=self.moe.n_experts, top_k=self.moe.top_k, hidden=self.mlp_hidden,
                                  init_std=self.init_std, out_std=out_std, renormalize=self.moe.renormalize,
-                                 mode=self.moe.mode, capacity_factor=self.moe.capacity_factor, dtype=self.dtype,
-                                 param_dtype=self.param_dtype, name="mlp")
+                                 # decoding routes dropless: exactly top-k experts per token (module docstring)
+                                 mode=self.moe.mode if cache is None else "dropless",
+                                 capacity_factor=self.moe.capacity_factor, group_size=self.moe.group_size,
+                                 dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")
         x_BxLxD = x_BxLxD.astype(self.residual_dtype)
-        h_BxLxD = attn(layers.RMSNorm(**norm, name="attn_norm")(x_BxLxD), deterministic)
+        h_BxLxD = layers.RMSNorm(**norm, name="attn_norm")(x_BxLxD)
+        if cache is None:
+            h_BxLxD = attn(h_BxLxD, deterministic)
+        else:
+            h_BxLxD, cache = attn(h_BxLxD, deterministic, cache, position, start_B)
         h_BxLxD = h_BxLxD.astype(self.residual_dtype)
         x_BxLxD = x_BxLxD + nn.Dropout(self.dropout)(h_BxLxD, deterministic=deterministic)
         h_BxLxD = mlp(layers.RMSNorm(**norm, name="mlp_norm")(x_BxLxD)).astype(self.residual_dtype)
-        return x_BxLxD + nn.Dropout(self.dropout)(h_BxLxD, deterministic=deterministic)
+        x_BxLxD = x_BxLxD + nn.Dropout(self.dropout)(h_BxLxD, deterministic=deterministic)
+        return x_BxLxD if cache is None else (x_BxLxD, cache)
 
 
 class Llama(nn.Module):
     """tokens int32 [B, L] -> logits float32 [B, L, V]; n_kv_head key/value heads (= n_head: plain MHA).
 
     With `return_hidden=True`: the final-norm hidden states [B, L, D] in the compute dtype instead.
+    With `cache` (a tuple of n_layer {"k", "v": [B, S, G, K]}, `models.init_cache`): the L tokens are at
+    positions position .. position + L - 1 (int32 scalar `position`), their keys and values are written
+    into the cache, and the result is (logits, updated cache); `start_B` (int32 [B]) hides the cache
+    slots before it from row b, so a left-padded row scores as unpadded (RoPE is relative). Decoding
+    skips `remat` (no backward pass) and routes MoE layers dropless.
     The residual stream between blocks is `residual_dtype` (layers.py's dtype policy); `attention` is the
     resolved attention kernel (models/attention.py; `models.build_model` resolves the config's request).
     """
@@ -92,25 +111,32 @@ class Llama(nn.Module):
     residual_dtype: Dtype = jnp.float32  # the residual stream's dtype: float32 (the reference) or `dtype`
 
     @nn.compact
-    def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True,
-                 return_hidden: bool = False) -> jax.Array:
+    def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True, return_hidden: bool = False,
+                 cache: tuple | None = None, position: jax.Array | None = None, start_B: jax.Array | None = None):
         embed = layers.Embed(self.vocab_size, self.n_embd, std=self.init_std, dtype=self.residual_dtype,
                              param_dtype=self.param_dtype, name="embed")
         x_BxLxD = nn.Dropout(self.dropout)(embed(tokens_BxL), deterministic=deterministic)
-        block_cls = layers.remat_block(Block, self.remat)
+        block_cls = layers.remat_block(Block, self.remat) if cache is None else Block
+        new_cache = []
         for i in range(self.n_layer):
-            x_BxLxD = block_cls(n_layer=self.n_layer, n_head=self.n_head, n_kv_head=self.n_kv_head,
-                                mlp_hidden=self.mlp_hidden, norm_eps=self.norm_eps, rope_theta=self.rope_theta,
-                                init_std=self.init_std, dropout=self.dropout, dtype=self.dtype,
-                                param_dtype=self.param_dtype,
-                                moe=self.moe if self.moe is not None and self.moe.is_moe_layer(i) else None,
-                                attention=self.attention, residual_dtype=self.residual_dtype,
-                                name=f"blocks_{i}")(x_BxLxD, deterministic)
+            block = block_cls(n_layer=self.n_layer, n_head=self.n_head, n_kv_head=self.n_kv_head,
+                              mlp_hidden=self.mlp_hidden, norm_eps=self.norm_eps, rope_theta=self.rope_theta,
+                              init_std=self.init_std, dropout=self.dropout, dtype=self.dtype,
+                              param_dtype=self.param_dtype,
+                              moe=self.moe if self.moe is not None and self.moe.is_moe_layer(i) else None,
+                              attention=self.attention, residual_dtype=self.residual_dtype, name=f"blocks_{i}")
+            if cache is None:
+                x_BxLxD = block(x_BxLxD, deterministic)
+            else:
+                x_BxLxD, layer_cache = block(x_BxLxD, deterministic, cache[i], position, start_B)
+                new_cache.append(layer_cache)
         x_BxLxD = layers.RMSNorm(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                                  name="norm_f")(x_BxLxD)
         if return_hidden:  # the fused LM head + loss (loss.chunked_cross_entropy) takes it from here
-            return x_BxLxD
-        if self.tie_embeddings:
-            return layers.tied_logits(x_BxLxD, embed.embedding, self.dtype)
-        head = layers.lm_head(self.vocab_size, self.init_std, self.dtype, self.param_dtype)
-        return head(x_BxLxD).astype(jnp.float32)
+            out = x_BxLxD
+        elif self.tie_embeddings:
+            out = layers.tied_logits(x_BxLxD, embed.embedding, self.dtype)
+        else:
+            head = layers.lm_head(self.vocab_size, self.init_std, self.dtype, self.param_dtype)
+            out = head(x_BxLxD).astype(jnp.float32)
+        return out if cache is None else (out, tuple(new_cache))

@@ -8,6 +8,10 @@ model itself is not changed: a Flax method interceptor adds, to the output of ev
 
 (a ~ N(0, 1/D_in) like the paper's Kaiming init, b = 0, so a fresh adapter leaves the model exactly as it
 was). Targets name llama's projections: q, k, v, o (attention) and gate, up, down (SwiGLU's w1, w3, w2).
+In a mixture-of-experts layer gate, up and down are stacked expert kernels [E, D_in, D_out]: each expert
+gets its own adapter, a [E, D_in, r] and b [E, r, D_out], added to the kernel itself (W_e + a_e @ b_e *
+alpha / r, the same product as on the input) because the experts' inputs are sorted or dispatched inside
+the layer; those adapters take no input dropout (config validation refuses lora.dropout > 0 for them).
 
 `LoraModel` has the `init` / `apply` signature of a Linen module, so the train and eval steps use it
 unchanged; the base params go through `stop_gradient` (no backward pass into them) and `make_optimizer`
@@ -52,12 +56,13 @@ class LoraModel:
         self.scale = alpha / rank
 
     def init_adapters(self, key: jax.Array, base_params) -> dict:
-        """Fresh adapters for `base_params`: a ~ N(0, 1/D_in) [D_in, r], b = 0 [r, D_out], float32."""
+        """Fresh adapters for `base_params`: a ~ N(0, 1/D_in) [D_in, r], b = 0 [r, D_out], float32 (with a
+        leading expert axis E for stacked expert kernels)."""
         adapters = {}
         for i, (name, kernel) in enumerate(sorted(_kernels(base_params, self.modules).items())):
-            d_in, d_out = kernel.shape
-            a = jax.random.normal(jax.random.fold_in(key, i), (d_in, self.rank), jnp.float32) / jnp.sqrt(d_in)
-            adapters[name] = {"a": a, "b": jnp.zeros((self.rank, d_out), jnp.float32)}
+            *experts, d_in, d_out = kernel.shape
+            a = jax.random.normal(jax.random.fold_in(key, i), (*experts, d_in, self.rank), jnp.float32) / jnp.sqrt(d_in)
+            adapters[name] = {"a": a, "b": jnp.zeros((*experts, self.rank, d_out), jnp.float32)}
         return adapters
 
     def init(self, key: jax.Array, tokens_BxL: jax.Array) -> dict:
@@ -77,6 +82,9 @@ class LoraModel:
             name = "/".join(context.module.path)
             if context.method_name != "__call__" or name not in adapters:
                 return out
+            if not args:  # an MoE ExpertKernel returns its weights [E, D_in, D_out]: adapt them directly
+                a, b = adapters[name]["a"], adapters[name]["b"]
+                return out + (a @ b * self.scale).astype(out.dtype)
             x = args[0]
             if dropout_key is not None:
                 key = jax.random.fold_in(dropout_key, zlib.crc32(name.encode()))
@@ -105,7 +113,7 @@ def merge(params, alpha: float):
         if names[-1] != "kernel" or name not in adapters:
             return leaf
         a, b = adapters[name]["a"], adapters[name]["b"]
-        scale = alpha / a.shape[1]
+        scale = alpha / a.shape[-1]
         return (leaf.astype(jnp.float32) + a @ b * scale).astype(leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(fold, params["base"])

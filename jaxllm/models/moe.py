@@ -15,6 +15,13 @@ sum over the k chosen experts of gate * swiglu_expert(x). Two ways to run the ex
   of fixed shape [groups, E, C, D]. The two einsums cost 2 * G * k * capacity_factor * D FLOPs per token
   each, G * capacity_factor / (3 * F) of the experts' work: smaller groups are cheaper but drop more.
 
+Inference (the KV-cache path of generation and MathQA scoring, models/llama.py) routes "dropless" whatever
+`moe.mode` says: every token goes to exactly its top-k experts. A decoding step holds one token per row,
+so there is no sequence (or group) to take a capacity over, and a scored row's result must not depend on
+its padding or on the other rows of its batch. A capacity-trained model therefore decodes as it would
+train with no drops (the same logits where training drops nothing); the training forward, including the
+validation loss, keeps `moe.mode` and `moe.group_size`.
+
 The module reports, with `self.sow("intermediates", ...)` (kept only when the caller applies the model
 with `mutable=["intermediates"]`): `load_balance_loss` (Switch: E * sum_i f_i * P_i, f_i the fraction of
 the N*k assignments routed to expert i before dropping, P_i the mean router probability of expert i; 1.0
