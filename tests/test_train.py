@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 
 from jaxllm import config as config_lib
+from jaxllm import loop as loop_lib
 from jaxllm import models, optim, sharding, step as step_lib
 from jaxllm import train as train_lib
-from jaxllm.metrics import read_metrics
+from jaxllm.data import batches as batches_lib
+from jaxllm.data.prepare import prepare
+from jaxllm.metrics import read_events, read_metrics
+from jaxllm.tokenizer import get_tokenizer
 
 
 def tiny_config(tmp_path, **overrides):
@@ -69,7 +73,13 @@ class Killed(Exception):
     pass
 
 
-def test_resume_after_kill_equals_uninterrupted(tmp_path, monkeypatch):
+def tensorboard_scalars(workdir, tag):
+    """[(step, value)] of one TensorBoard tag, as the event files in workdir/tensorboard hold them."""
+    return [(event.step, value.simple_value) for event in read_events(workdir / "tensorboard")
+            for value in event.summary.value if value.tag == tag]
+
+
+def test_resume_after_kill_equals_uninterrupted_in_metrics_and_tensorboard(tmp_path, monkeypatch):
     train_lib.train(tiny_config(tmp_path), tmp_path / "straight")
 
     def kill():
@@ -83,6 +93,10 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, monkeypatch):
     train_lib.train(tiny_config(tmp_path), tmp_path / "resumed")
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
     assert losses(tmp_path / "resumed", "val") == losses(tmp_path / "straight", "val")
+    # TensorBoard shows each step once (the killed run's steps 5 and 6 are gone), with metrics.jsonl's values.
+    for tag, split in (("train/loss", "train"), ("val/loss", "val")):
+        assert tensorboard_scalars(tmp_path / "resumed", tag) == [
+            (step, float(np.float32(loss))) for step, loss in losses(tmp_path / "resumed", split)]
 
 
 @pytest.mark.slow  # ~45-85 s here (resume is also covered by test_resume_after_kill_equals_uninterrupted); run with -m slow
@@ -122,6 +136,26 @@ def test_nan_loss_stops_without_checkpointing_bad_state(tmp_path, monkeypatch):
     with pytest.raises(train_lib.TrainingError, match="step 3"):
         train_lib.train(config, tmp_path / "run")
     assert train_lib.checkpoint_lib.Checkpointer(tmp_path / "run" / "checkpoints").all_steps() == [2]
+
+
+def test_eval_batches_zero_evaluates_every_validation_window(tmp_path, monkeypatch):
+    """train.eval_batches=0 means every validation window (as in the fine-tune): the evaluation at the last
+    step weighs n_windows x L targets, and the final full evaluation is that same one, not a second pass."""
+    weights = []
+    original = loop_lib.evaluate
+
+    def counting(eval_step, params, batches):
+        batches = list(batches)
+        weights.append(sum(float(np.sum(np.asarray(b["weights"]))) for b in batches))
+        return original(eval_step, params, batches)
+
+    monkeypatch.setattr(loop_lib, "evaluate", counting)
+    config = tiny_config(tmp_path, **{"train.eval_batches": 0, "train.steps": 2, "train.eval_every": 2,
+                                      "train.checkpoint_every": 2, "train.full_eval_at_end": True})
+    summary = train_lib.train(config, tmp_path / "run")
+    val_tokens = batches_lib.open_tokens(prepare(config.data, get_tokenizer("byte"), progress=False) / "val.bin")
+    assert weights == [batches_lib.num_windows(len(val_tokens), 32) * 32]
+    assert summary["step"] == 2 and summary["val_full"]["loss"] == summary["val"]["loss"]
 
 
 def _one_step(config, batch_KxBxL, num_devices):
