@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from jaxllm import models, optim, sharding, step as step_lib
 from jaxllm import train as train_lib
 from jaxllm.data import batches as batches_lib
 from jaxllm.data.prepare import prepare
-from jaxllm.metrics import read_events, read_metrics
+from jaxllm.metrics import read_metrics
 from jaxllm.tokenizer import get_tokenizer
 
 
@@ -74,9 +75,19 @@ class Killed(Exception):
 
 
 def tensorboard_scalars(workdir, tag):
-    """[(step, value)] of one TensorBoard tag, as the event files in workdir/tensorboard hold them."""
-    return [(event.step, value.simple_value) for event in read_events(workdir / "tensorboard")
-            for value in event.summary.value if value.tag == tag]
+    """[(step, value)] of one TensorBoard tag in the event files of workdir/tensorboard (in name order), read
+    record by record: uint64 length, uint32 CRC, an Event proto, uint32 CRC."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    found = []
+    for path in sorted((workdir / "tensorboard").glob("*tfevents*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            found += [(event.step, value.simple_value) for value in event.summary.value if value.tag == tag]
+    return found
 
 
 def test_resume_after_kill_equals_uninterrupted_in_metrics_and_tensorboard(tmp_path, monkeypatch):
