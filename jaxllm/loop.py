@@ -246,7 +246,7 @@ def run_loop(state, *, train_cfg, train_step: Callable, host_batch: Callable[[in
 
     def loop_meta() -> dict[str, Any]:
         meta = {"tokens_seen": tokens_seen, "elapsed_s": elapsed_before + clock() - run_start}
-        if stop_reason:
+        if stop_reason == budget_reached:
             meta["stopped"] = stop_reason  # a budget stop is the run's end: the record survives the process
         return {**meta, "fitted_steps": total} if fitted_steps else meta
 
@@ -279,9 +279,9 @@ def run_loop(state, *, train_cfg, train_step: Callable, host_batch: Callable[[in
                       f"decaying; set --config.train.steps={fit} (or fewer) or --config.train.fit_steps_to_budget=true",
                       file=sys.stderr)
             return
-        evaluate_params(state.params)  # compiles the eval step (the run needs it anyway); timed below warm
+        evaluate_or_save(state.params)  # compiles the eval step (the run needs it anyway); timed below warm
         began = clock()
-        evaluate_params(state.params)
+        evaluate_or_save(state.params)
         eval_s = clock() - began
         began = clock()
         save(step_number, state, loop_meta())  # a checkpoint of the state before any fitted-schedule step
