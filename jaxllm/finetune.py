@@ -169,7 +169,8 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
             elapsed_before=float(meta.get("elapsed_s", 0.0)), tokens_seen=int(meta.get("tokens_seen", 0)),
             nan_hint="lower finetune.optim.lr", fitted_steps=fitted_steps, refit=refit,
             # The final pass over every validation example, in periodic evaluations (MathQA scoring not counted).
-            final_eval_scale=(-(-len(data.val) // t.batch_size) / max(len(val_batches), 1)) if t.full_eval_at_end else 0.0)
+            final_eval_scale=(-(-len(data.val) // t.batch_size) / max(len(val_batches), 1)
+                              if t.full_eval_at_end else 0.0))
     finally:
         checkpointer.wait_until_finished()  # an asynchronous save in flight is complete before anything goes on
     state, step_number, stop_reason = result.state, result.step, result.stop_reason

@@ -23,7 +23,8 @@ def cli(tmp_path, workdir, *args) -> int:
     return train_lib.main([
         "--config", str(ROOT / "configs" / "tiny.py"), "--workdir", str(workdir), "--config.stages=pretrain",
         "--config.model.n_layer=2", "--config.model.n_embd=64", "--config.model.sequence_length=32",
-        "--config.data.synthetic_documents=300", "--config.data.num_proc=1", f"--config.data.cache_dir={tmp_path / 'cache'}",
+        "--config.data.synthetic_documents=300", "--config.data.num_proc=1",
+        f"--config.data.cache_dir={tmp_path / 'cache'}",
         "--config.train.steps=8", "--config.train.batch_size=8", "--config.train.log_every=1",
         "--config.train.eval_every=4", "--config.train.eval_batches=2", "--config.train.checkpoint_every=2",
         "--config.train.keep_checkpoints=5", "--config.train.num_devices=1", "--config.train.progress=false",
