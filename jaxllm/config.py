@@ -119,11 +119,11 @@ def default_config() -> ml_collections.ConfigDict:
     t.grad_accum = 4  # micro-batches per optimizer step (token-mean, = one batch grad_accum times bigger)
     t.log_every = 10
     t.eval_every = 200
-    t.eval_batches = 24  # the fixed validation batches used at every evaluation
-    t.full_eval_at_end = True  # evaluate every validation window once after the last step
+    t.eval_batches = 24  # the fixed validation batches used at every evaluation; 0 = every validation window
+    t.full_eval_at_end = True  # evaluate every validation window once after the last step (or the budget's stop)
     t.checkpoint_every = 1000
     t.keep_checkpoints = 2
-    t.max_duration_s = 0.0  # wall-clock budget of the run in seconds (the hackathon: 3 h); 0 = none
+    t.max_duration_s = 0.0  # wall-clock budget of the run in seconds (the hackathon: 3 h), across resumes; reaching it finishes the run; 0 = none
     t.fit_steps_to_budget = False  # measure the step time early, then end the schedule at the steps max_duration_s holds (<= steps)
     t.async_checkpoint = "auto"  # write checkpoints in a background thread: auto (on off-CPU), on, off
     t.prefetch = 2  # host batches prepared (and put on the devices) ahead by a background thread; 0 = none

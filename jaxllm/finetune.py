@@ -9,8 +9,10 @@ end-of-text) as a pure function of (mathqa.seed, step), so a resumed stage train
 uninterrupted one would. With `finetune.lora.rank > 0` only LoRA adapters train (models/lora.py); the
 final params are exported with the adapters merged.
 
-At the end: a validation pass over every validation example, then the multiple-choice accuracy on the
-test split for each of `mathqa.eval_shots` (rows with split "mathqa" in metrics.jsonl).
+At the end: a validation pass over every validation example (`finetune.train.full_eval_at_end`), then the
+multiple-choice accuracy on the test split for each of `mathqa.eval_shots` (rows with split "mathqa" in
+metrics.jsonl). A stage that was already finished (all steps, or its budget used up) trains no further and
+redoes none of these.
 """
 
 from __future__ import annotations
@@ -170,7 +172,8 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
             elapsed_before=float(meta.get("elapsed_s", 0.0)), tokens_seen=int(meta.get("tokens_seen", 0)),
             nan_hint="lower finetune.optim.lr", fitted_steps=fitted_steps, refit=refit,
             # The final pass over every validation example, in periodic evaluations (MathQA scoring not counted).
-            final_eval_scale=-(-len(data.val) // t.batch_size) / max(len(val_batches), 1))
+            final_eval_scale=(-(-len(data.val) // t.batch_size) / max(len(val_batches), 1)
+                              if t.full_eval_at_end else 0.0))
     finally:
         checkpointer.wait_until_finished()  # an asynchronous save in flight is complete before anything goes on
     state, step_number, stop_reason = result.state, result.step, result.stop_reason
@@ -183,12 +186,21 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
         return {**summary, "stopped": stop_reason}
     if stop_reason:
         summary["stopped"] = stop_reason
+    if not result.trained:
+        print(f"the fine-tune in {workdir} is already finished at step {step_number} "
+              f"({meta.get('stopped') or stop_reason or 'all train.steps done'}); nothing to train"
+              f"{': raise finetune.train.max_duration_s to train on' if stop_reason else ''}", file=sys.stderr)
+    elif stop_reason:
+        print(f"{stop_reason}: fine-tune stopped at step {step_number}; the stage is finished", file=sys.stderr)
 
     # A stage killed during these final evaluations redoes only the ones it had not written yet.
     rows = [r for r in read_metrics(writer.path) if r["step"] == step_number]
     done_shots = {r["shots"] for r in rows if r["split"] == "mathqa"}
-    if not any(r.get("full") for r in rows):
-        full = loop.evaluate(eval_step, state.params, data.val_batches(t.batch_size))
+    if t.full_eval_at_end and not any(r.get("full") for r in rows):
+        if not t.eval_batches and result.val.get("step") == step_number:  # that evaluation was already the full one
+            full = {k: v for k, v in result.val.items() if k not in ("step", "split")}
+        else:
+            full = loop.evaluate(eval_step, state.params, data.val_batches(t.batch_size))
         summary["val_full"] = writer.write(step_number, "val", {**full, "full": True}, tag="val_full")
     params = state.params
     if lora_lib.is_lora(params):

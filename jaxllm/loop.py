@@ -7,6 +7,11 @@ step n's metrics, stops on a NaN/Inf loss before any checkpoint of that state is
 wall-clock budget `max_duration_s` (counted across resumes) runs out. A background thread prepares the next
 `train.prefetch` batches (host batch + device_put) while the step runs.
 
+A run stopped by its budget is finished, like one that did all its steps: its last checkpoint records the
+stop (`stopped` in its metadata) and the time used, so running it again does no step and writes nothing
+(a larger `max_duration_s`, or none, trains on). An evaluation that raises first checkpoints the state it
+was given, so no step is lost to it.
+
 With a budget, the loop times `FIT_PROBE_STEPS` steps after the first (compiling) one. If the schedule's steps
 will not fit, it prints a warning naming the steps that do. With `train.fit_steps_to_budget` it instead fixes
 the step count that fits (see `steps_that_fit`), asks the stage to rebuild the train step for a schedule of
@@ -28,6 +33,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 from jaxllm import hardware, loss as loss_lib
 
@@ -136,7 +142,19 @@ def evaluate(eval_step, params, batches) -> dict[str, float]:
     for batch in batches:
         out = eval_step(params, batch)
         sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+    if sums is None:
+        raise ValueError("evaluate() was given no validation batches")
     return loss_lib.summarize(jax.device_get(sums))
+
+
+def real_tokens(batch: dict) -> int:
+    """The input tokens of a host batch that are not padding: in each row, the positions up to its last
+    target with weight > 0. Padding only ever follows an example (pretraining rows have none; a fine-tune
+    row ends with its answer, which carries the loss), so this counts prompt and answer tokens, not pads.
+    `tokens_per_s`, `tokens_seen` and MFU count these."""
+    carries_loss = np.asarray(batch["weights"]) > 0
+    last = carries_loss.shape[-1] - np.argmax(carries_loss[..., ::-1], axis=-1)  # 1 + the last weighted position
+    return int(np.where(carries_loss.any(axis=-1), last, 0).sum())
 
 
 @dataclasses.dataclass
@@ -146,6 +164,7 @@ class LoopResult:
     stop_reason: str | None  # "received SIGTERM", "wall-clock budget ... reached", or None: all steps done
     train: dict[str, Any]  # the last train row written
     val: dict[str, Any]  # the last val row written
+    trained: bool = True  # False: the run was finished before this call (all steps done, or budget used up)
 
     @property
     def interrupted(self) -> bool:
@@ -171,6 +190,11 @@ def run_loop(state, *, train_cfg, train_step: Callable, host_batch: Callable[[in
     t = train_cfg
     step_number = int(jax.device_get(state.step))
     total = int(fitted_steps or t.steps)  # the step the schedule ends at, and the loop with it
+    budget_reached = f"wall-clock budget of {t.max_duration_s:.0f} s reached"
+    if step_number >= total or (t.max_duration_s and elapsed_before >= t.max_duration_s):
+        # Finished before: no step, no checkpoint, no evaluation (a budget stop is a finish, not a pause).
+        return LoopResult(state=state, step=step_number, train={}, val={}, trained=False,
+                          stop_reason=budget_reached if step_number < total else None)
     fitting = bool(t.fit_steps_to_budget and not fitted_steps and t.max_duration_s)
     if fitting and refit is None:
         raise ValueError("train.fit_steps_to_budget needs run_loop(refit=...) to rebuild the train step")
@@ -222,7 +246,17 @@ def run_loop(state, *, train_cfg, train_step: Callable, host_batch: Callable[[in
 
     def loop_meta() -> dict[str, Any]:
         meta = {"tokens_seen": tokens_seen, "elapsed_s": elapsed_before + clock() - run_start}
+        if stop_reason == budget_reached:
+            meta["stopped"] = stop_reason  # a budget stop is the run's end: the record survives the process
         return {**meta, "fitted_steps": total} if fitted_steps else meta
+
+    def evaluate_or_save(params) -> dict[str, float]:
+        """evaluate_params(params); if it raises, the (checked) state is checkpointed first: no step is lost."""
+        try:
+            return timed(evaluate_params, params)
+        except BaseException:
+            save(step_number, state, loop_meta())
+            raise
 
     def timed(fn, *args):
         """fn(*args), its seconds counted out of the probe's step time."""
@@ -245,9 +279,9 @@ def run_loop(state, *, train_cfg, train_step: Callable, host_batch: Callable[[in
                       f"decaying; set --config.train.steps={fit} (or fewer) or --config.train.fit_steps_to_budget=true",
                       file=sys.stderr)
             return
-        evaluate_params(state.params)  # compiles the eval step (the run needs it anyway); timed below warm
+        evaluate_or_save(state.params)  # compiles the eval step (the run needs it anyway); timed below warm
         began = clock()
-        evaluate_params(state.params)
+        evaluate_or_save(state.params)
         eval_s = clock() - began
         began = clock()
         save(step_number, state, loop_meta())  # a checkpoint of the state before any fitted-schedule step
@@ -287,12 +321,12 @@ def run_loop(state, *, train_cfg, train_step: Callable, host_batch: Callable[[in
                 if stop.signal_name:
                     stop_reason = f"received {stop.signal_name}"
                 elif t.max_duration_s and elapsed >= t.max_duration_s:
-                    stop_reason = f"wall-clock budget of {t.max_duration_s:.0f} s reached"
+                    stop_reason = budget_reached
                 if (due_eval or due_save or stop_reason) and pending is not None:  # never use an unchecked state
                     settle(pending)
                     pending = None
                 if due_eval:
-                    last_val = writer.write(step_number, "val", timed(evaluate_params, state.params))
+                    last_val = writer.write(step_number, "val", evaluate_or_save(state.params))
                 if due_save or stop_reason:
                     timed(save, step_number, state, loop_meta())
                 if stop_reason:
@@ -306,9 +340,9 @@ def run_loop(state, *, train_cfg, train_step: Callable, host_batch: Callable[[in
 
 
 def _device_batch(host_batch: Callable[[int], dict], shard: Callable, step_number: int) -> tuple[int, Any]:
-    """(tokens in the batch, the batch on the mesh) of step `step_number`."""
+    """(real tokens in the batch, the batch on the mesh) of step `step_number`."""
     host = host_batch(step_number)
-    return int(host["inputs"].size), shard(host)
+    return real_tokens(host), shard(host)
 
 
 def _progress_bar(total: int, start_step: int, enabled: bool):

@@ -87,8 +87,19 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     train_tokens = batches_lib.open_tokens(data_dir / "train.bin")
     val_tokens = batches_lib.open_tokens(data_dir / "val.bin")
     L, B, K = m.sequence_length, t.batch_size, t.grad_accum
-    eval_batches = [sharding.shard_batch(b, mesh) for b in
-                    batches_lib.eval_batches(val_tokens, n_batches=t.eval_batches, batch_size=B, seq_len=L)]
+    if t.eval_batches:  # a fixed sample of the validation windows, placed on the mesh once
+        eval_batches = [sharding.shard_batch(b, mesh) for b in
+                        batches_lib.eval_batches(val_tokens, n_batches=t.eval_batches, batch_size=B, seq_len=L)]
+        n_eval_batches = len(eval_batches)
+    else:  # 0 = every validation window at each evaluation (as in the fine-tune), streamed batch by batch
+        eval_batches = None
+        n_eval_batches = -(-batches_lib.num_windows(len(val_tokens), L) // B)
+
+    def evaluate_val(params) -> dict[str, float]:
+        batches = eval_batches if eval_batches is not None else (
+            sharding.shard_batch(b, mesh) for b in batches_lib.all_eval_batches(val_tokens, batch_size=B, seq_len=L))
+        return loop.evaluate(eval_step, params, batches)
+
     batches_lib.train_batch(train_tokens, seed=config.data.seed, step=0, batch_size=1, seq_len=L)  # length check
 
     model = models.build_model(m, config.moe)
@@ -131,12 +142,12 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
         result = loop.run_loop(
             state, train_cfg=t, train_step=train_step, host_batch=host_batch,
             shard=lambda batch: sharding.shard_batch(batch, mesh, batch_axis=1),
-            evaluate_params=lambda params: loop.evaluate(eval_step, params, eval_batches),
+            evaluate_params=evaluate_val,
             save=save, writer=writer, last_good_step=checkpointer.latest_step,
             elapsed_before=float(meta.get("elapsed_s", 0.0)), tokens_seen=start_step * tokens_per_step,
             # MFU: model FLOPs per token over peak FLOP/s (a GPU table, or this CPU's matmul measured once).
             flops_per_token=models.flops_per_token(m, config.moe), peak_flops=hardware.peak_flops(m.dtype, mesh.size)[0],
-            fitted_steps=fitted_steps, refit=refit, final_eval_scale=full_eval_batches / max(len(eval_batches), 1))
+            fitted_steps=fitted_steps, refit=refit, final_eval_scale=full_eval_batches / n_eval_batches)
     finally:
         checkpointer.wait_until_finished()  # an asynchronous save in flight is complete before anything goes on
     state, step_number, stop_reason = result.state, result.step, result.stop_reason
@@ -151,10 +162,18 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     summary = {"step": step_number, "train": result.train, "val": result.val}
     if stop_reason:
         summary["stopped"] = stop_reason
-        print(f"{stop_reason}: stopped at step {step_number}", file=sys.stderr)
-    if t.full_eval_at_end and (step_number != start_step or not _has_full_eval(writer.path, step_number)):
-        full = batches_lib.all_eval_batches(val_tokens, batch_size=B, seq_len=L)
-        full_metrics = loop.evaluate(eval_step, state.params, full)
+    if not result.trained:
+        print(f"the run in {workdir} is already finished at step {step_number} "
+              f"({meta.get('stopped') or stop_reason or 'all train.steps done'}); nothing to train"
+              f"{': raise train.max_duration_s to train on' if stop_reason else ''}", file=sys.stderr)
+    elif stop_reason:
+        print(f"{stop_reason}: stopped at step {step_number}; the run is finished", file=sys.stderr)
+    if t.full_eval_at_end and not _has_full_eval(writer.path, step_number):
+        if not t.eval_batches and result.val.get("step") == step_number:  # that evaluation was already the full one
+            full_metrics = {k: v for k, v in result.val.items() if k not in ("step", "split")}
+        else:
+            full = batches_lib.all_eval_batches(val_tokens, batch_size=B, seq_len=L)
+            full_metrics = loop.evaluate(eval_step, state.params, full)
         summary["val_full"] = writer.write(step_number, "val", {**full_metrics, "full": True}, tag="val_full")
     writer.close()
     checkpointer.close()

@@ -1,5 +1,6 @@
-"""The shared step loop: the budget warning and fit_steps_to_budget (on a fake clock), asynchronous
-checkpoints with exact resume, and the batch prefetcher."""
+"""The shared step loop: the budget stop, the budget warning and fit_steps_to_budget (on a fake clock),
+throughput and MFU against hand-computed numbers, asynchronous checkpoints with exact resume, and the batch
+prefetcher."""
 
 import json
 import threading
@@ -9,7 +10,7 @@ import pytest
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
 from jaxllm import loop as loop_lib
-from jaxllm import optim, step as step_lib
+from jaxllm import hardware, optim, step as step_lib
 from jaxllm import train as train_lib
 from jaxllm.metrics import read_metrics
 
@@ -125,6 +126,44 @@ def test_warning_when_the_schedule_does_not_fit_the_budget(tmp_path, monkeypatch
     assert summary["stopped"].startswith("wall-clock budget")
     train_lib.train(tiny_config(tmp_path, **budget, **{"train.max_duration_s": 1000.0}), tmp_path / "long")
     assert "warning" not in capsys.readouterr().err
+
+
+def test_budget_stopped_run_is_finished_and_not_trained_again(tmp_path, monkeypatch, capsys):
+    """max_duration_s on the fake clock: 35 s hold 4 steps of 10 s (the check after step 4 sees 40 s). The stop
+    is recorded in the checkpoint; running the same command again trains no step, writes no checkpoint and
+    no row, repeats no full evaluation, and says the run is finished."""
+    counts = fake_timing(monkeypatch)
+    monkeypatch.setattr(hardware, "peak_flops", lambda dtype, n_devices=1: (1e6, "test"))
+    config = tiny_config(tmp_path, **{"train.max_duration_s": 35.0, "train.eval_every": 100,
+                                      "train.checkpoint_every": 100, "train.full_eval_at_end": True})
+    summary = train_lib.train(config, tmp_path / "run")
+    assert summary["step"] == 4 and summary["stopped"] == "wall-clock budget of 35 s reached"
+    assert counts["calls"] == 4 and "the run is finished" in capsys.readouterr().err
+    checkpointer = checkpoint_lib.Checkpointer(tmp_path / "run" / "checkpoints")
+    assert checkpointer.all_steps() == [4]
+    meta = checkpointer.read_meta(4)
+    checkpointer.close()
+    assert meta["stopped"] == "wall-clock budget of 35 s reached" and meta["elapsed_s"] == 40.0
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows if r.get("full")] == [4]
+    # Throughput and MFU by hand: 8 x 32 tokens per 10 fake seconds; step 1's interval holds the compile (nan),
+    # step 4 is read at once when the budget stops the run (no interval: nan). FLOPs per token of this llama
+    # (2 layers, d 64, SwiGLU hidden 256, vocab 320, T 32): 6 x (2 x (4 d^2 + 3 x 256 d + 2 d) + d + 320 d)
+    # + 6 x 2 x 32 x d = 935,808; the peak is the 1e6 FLOP/s patched in above.
+    train_rows = {r["step"]: r for r in rows if r["split"] == "train"}
+    for step in (2, 3):
+        assert train_rows[step]["tokens_per_s"] == 25.6
+        assert train_rows[step]["mfu"] == pytest.approx(25.6 * 935_808 / 1e6, rel=1e-12)
+        assert train_rows[step]["tokens_seen"] == step * 256
+
+    counts["calls"] = 0
+    again = train_lib.train(config, tmp_path / "run")
+    assert counts["calls"] == 0 and again["step"] == 4 and again["stopped"] == summary["stopped"]
+    assert "already finished at step 4 (wall-clock budget of 35 s reached)" in capsys.readouterr().err
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl") == rows
+    checkpointer = checkpoint_lib.Checkpointer(tmp_path / "run" / "checkpoints")
+    assert checkpointer.all_steps() == [4]
+    checkpointer.close()
 
 
 def test_fit_needs_a_budget():

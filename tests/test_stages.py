@@ -1,4 +1,5 @@
-"""Stages: the fine-tune starts from exactly the pretrained params, resumes exactly, and is not rerun."""
+"""Stages: the fine-tune starts from exactly the pretrained params, resumes exactly, is not rerun (nor after
+its budget stopped it), counts real tokens, and its MathQA accuracy is what scoring each option by hand gives."""
 
 import json
 
@@ -10,10 +11,12 @@ import pytest
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
 from jaxllm import finetune as finetune_lib
-from jaxllm import optim
+from jaxllm import models, optim
 from jaxllm import step as step_lib
 from jaxllm import train as train_lib
+from jaxllm.data import mathqa
 from jaxllm.metrics import read_metrics
+from jaxllm.tokenizer import get_tokenizer
 
 
 def staged_config(tmp_path, **overrides):
@@ -74,8 +77,38 @@ def test_finetune_starts_from_exactly_the_pretrained_params_with_fresh_optimizer
     assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(finetune_start.opt_state) if np.ndim(x) > 0)
     assert set(summary) == {"pretrain", "finetune"}
     mc = rows(tmp_path / "run" / "finetune", "mathqa")
-    assert [r["shots"] for r in mc] == [0, 1] and all(r["n"] == 4 and 0 <= r["acc"] <= 1 for r in mc)
+    assert [r["shots"] for r in mc] == [0, 1] and all(r["n"] == 4 for r in mc)
+    # The 0-shot accuracies are what scoring each option alone, unbatched and uncached, gives.
+    config = staged_config(tmp_path)
+    questions = mathqa.load_splits(config.mathqa)[0]["test"][:4]
+    acc, acc_norm = zero_shot_by_hand(config, saved_params(tmp_path / "run" / "finetune"), questions)
+    assert (mc[0]["acc"], mc[0]["acc_norm"]) == (acc, acc_norm)
     assert (tmp_path / "run" / "finetune" / "stage_done.json").is_file()
+
+
+def zero_shot_by_hand(config, params, questions) -> tuple[float, float]:
+    """(acc, acc_norm) of `questions` with each option scored on its own: the summed log-probabilities of its
+    tokens after the prompt (cut from the left to mathqa.max_length + 1 tokens), argmax over the five, and
+    over the five divided by the option's characters."""
+    model, tokenizer, max_length = models.build_model(config.model), get_tokenizer("byte"), config.mathqa.max_length
+    hits = hits_norm = 0
+    for question in questions:
+        scores, per_char = [], []
+        for option in range(5):
+            text = mathqa.format_choice(question, option)
+            answer = tokenizer.encode(text)
+            ids = tokenizer.encode(mathqa.format_prompt(question))[-(max_length + 1 - len(answer)):] + answer
+            logits_LxV = model.apply({"params": params}, jnp.asarray([ids[:-1]], jnp.int32))[0]
+            logp_LxV = np.asarray(jax.nn.log_softmax(logits_LxV.astype(jnp.float32)))
+            score = sum(float(logp_LxV[i - 1, ids[i]]) for i in range(len(ids) - len(answer), len(ids)))
+            scores.append(score)
+            per_char.append(score / len(text))
+        for values in (scores, per_char):  # no near-ties: float noise between scorers cannot flip the choice
+            top = sorted(values)
+            assert top[-1] - top[-2] > 1e-4
+        hits += int(np.argmax(scores) == question.answer)
+        hits_norm += int(np.argmax(per_char) == question.answer)
+    return hits / len(questions), hits_norm / len(questions)
 
 
 class Killed(Exception):
@@ -162,3 +195,45 @@ def test_finetune_stage_fits_its_steps_to_its_budget(tmp_path, monkeypatch):
     stage_cfg = config_lib.with_train_steps(config_lib.stage_config(config, "finetune"), fitted)
     last = rows(stage, "train")[-1]
     assert last["step"] == fitted and last["lr"] == float(optim.make_schedule(stage_cfg)(fitted - 1))
+
+
+def test_finetune_counts_real_tokens_and_honours_full_eval_at_end(tmp_path):
+    """15 steps x 4 examples = one epoch of the 60 training questions: tokens_seen is the sum of their
+    lengths (inputs = ids[:-1]), not the padded batch sizes; finetune.train.full_eval_at_end=false writes no
+    full validation row."""
+    config = staged_config(tmp_path, **{"finetune.train.steps": 15, "finetune.train.eval_every": 15,
+                                        "finetune.train.checkpoint_every": 15, "finetune.train.full_eval_at_end": False,
+                                        "mathqa.eval_shots": ""})
+    train_lib.run_stages(config, tmp_path / "run")
+    stage = tmp_path / "run" / "finetune"
+    questions = mathqa.load_splits(config.mathqa)[0]
+    data = mathqa.FinetuneData(questions, get_tokenizer("byte"), max_length=128, pad_multiple=64)
+    assert len(data.train) == 60
+    train_rows = rows(stage, "train")
+    assert train_rows[-1]["step"] == 15
+    assert train_rows[-1]["tokens_seen"] == sum(len(ids) - 1 for ids, _ in data.train)
+    assert not any(r.get("full") for r in read_metrics(stage / "metrics.jsonl"))
+
+
+def test_budget_stopped_finetune_is_finished(tmp_path, monkeypatch, capsys):
+    """The fine-tune's budget (25 fake seconds: 3 steps of 10) stops it at step 3; the stage is finished:
+    run again, it trains no step and writes no checkpoint or row, and says so."""
+    from test_loop import fake_timing  # 10 fake seconds per train step, 3 per evaluation
+
+    counts = fake_timing(monkeypatch)
+    config = staged_config(tmp_path, **{"finetune.train.max_duration_s": 25.0, "finetune.train.eval_every": 100,
+                                        "finetune.train.checkpoint_every": 100, "mathqa.eval_shots": ""})
+    summary = train_lib.run_stages(config, tmp_path / "run")
+    assert summary["finetune"]["step"] == 3 and summary["finetune"]["stopped"] == "wall-clock budget of 25 s reached"
+    stage = tmp_path / "run" / "finetune"
+    written = read_metrics(stage / "metrics.jsonl")
+    assert [r["step"] for r in written if r.get("full")] == [3]
+    capsys.readouterr()
+    counts["calls"] = 0
+    again = finetune_lib.finetune(config_lib.stage_config(config, "finetune"), stage, tmp_path / "run" / "pretrain")
+    assert counts["calls"] == 0 and again["step"] == 3
+    assert "already finished at step 3 (wall-clock budget of 25 s reached)" in capsys.readouterr().err
+    assert read_metrics(stage / "metrics.jsonl") == written
+    checkpointer = checkpoint_lib.Checkpointer(stage / "checkpoints")
+    assert checkpointer.all_steps() == [3] and checkpointer.read_meta(3)["stopped"] == again["stopped"]
+    checkpointer.close()

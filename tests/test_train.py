@@ -3,16 +3,20 @@
 import json
 import os
 import signal
+import struct
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxllm import config as config_lib
+from jaxllm import loop as loop_lib
 from jaxllm import models, optim, sharding, step as step_lib
 from jaxllm import train as train_lib
+from jaxllm.data import batches as batches_lib
+from jaxllm.data.prepare import prepare
 from jaxllm.metrics import read_metrics
+from jaxllm.tokenizer import get_tokenizer
 
 
 def tiny_config(tmp_path, **overrides):
@@ -69,7 +73,23 @@ class Killed(Exception):
     pass
 
 
-def test_resume_after_kill_equals_uninterrupted(tmp_path, monkeypatch):
+def tensorboard_scalars(workdir, tag):
+    """[(step, value)] of one TensorBoard tag in the event files of workdir/tensorboard (in name order), read
+    record by record: uint64 length, uint32 CRC, an Event proto, uint32 CRC."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    found = []
+    for path in sorted((workdir / "tensorboard").glob("*tfevents*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            found += [(event.step, value.simple_value) for value in event.summary.value if value.tag == tag]
+    return found
+
+
+def test_resume_after_kill_equals_uninterrupted_in_metrics_and_tensorboard(tmp_path, monkeypatch):
     train_lib.train(tiny_config(tmp_path), tmp_path / "straight")
 
     def kill():
@@ -83,6 +103,10 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, monkeypatch):
     train_lib.train(tiny_config(tmp_path), tmp_path / "resumed")
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
     assert losses(tmp_path / "resumed", "val") == losses(tmp_path / "straight", "val")
+    # TensorBoard shows each step once (the killed run's steps 5 and 6 are gone), with metrics.jsonl's values.
+    for tag, split in (("train/loss", "train"), ("val/loss", "val")):
+        assert tensorboard_scalars(tmp_path / "resumed", tag) == [
+            (step, float(np.float32(loss))) for step, loss in losses(tmp_path / "resumed", split)]
 
 
 @pytest.mark.slow  # ~45-85 s here (resume is also covered by test_resume_after_kill_equals_uninterrupted); run with -m slow
@@ -105,23 +129,24 @@ def test_finished_run_is_not_retrained(tmp_path):
     assert read_metrics(tmp_path / "run" / "metrics.jsonl") == rows
 
 
-def test_nan_loss_stops_without_checkpointing_bad_state(tmp_path, monkeypatch):
-    config = tiny_config(tmp_path, **{"train.checkpoint_every": 2})
-    original = step_lib.compile_train_step
+def test_eval_batches_zero_evaluates_every_validation_window(tmp_path, monkeypatch):
+    """train.eval_batches=0 means every validation window (as in the fine-tune): the evaluation at the last
+    step weighs n_windows x L targets, and the final full evaluation is that same one, not a second pass."""
+    weights = []
+    original = loop_lib.evaluate
 
-    def poisoned(step_fn, mesh):
-        def bad_step(state, batch):
-            new_state, metrics = step_fn(state, batch)
-            poison = jnp.where(state.step >= 2, jnp.nan, 0.0)  # step 3 goes bad
-            params = jax.tree.map(lambda p: p + poison, new_state.params)
-            return new_state.replace(params=params), {**metrics, "loss": metrics["loss"] + poison}
+    def counting(eval_step, params, batches):
+        batches = list(batches)
+        weights.append(sum(float(np.sum(np.asarray(b["weights"]))) for b in batches))
+        return original(eval_step, params, batches)
 
-        return original(bad_step, mesh)
-
-    monkeypatch.setattr(step_lib, "compile_train_step", poisoned)
-    with pytest.raises(train_lib.TrainingError, match="step 3"):
-        train_lib.train(config, tmp_path / "run")
-    assert train_lib.checkpoint_lib.Checkpointer(tmp_path / "run" / "checkpoints").all_steps() == [2]
+    monkeypatch.setattr(loop_lib, "evaluate", counting)
+    config = tiny_config(tmp_path, **{"train.eval_batches": 0, "train.steps": 2, "train.eval_every": 2,
+                                      "train.checkpoint_every": 2, "train.full_eval_at_end": True})
+    summary = train_lib.train(config, tmp_path / "run")
+    val_tokens = batches_lib.open_tokens(prepare(config.data, get_tokenizer("byte"), progress=False) / "val.bin")
+    assert weights == [batches_lib.num_windows(len(val_tokens), 32) * 32]
+    assert summary["step"] == 2 and summary["val_full"]["loss"] == summary["val"]["loss"]
 
 
 def _one_step(config, batch_KxBxL, num_devices):
