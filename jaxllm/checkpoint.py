@@ -206,6 +206,10 @@ class Checkpointer:
     def _write_failed(self, step: int | None, error: BaseException) -> CheckpointError:
         """The CheckpointError of a failed save of `step`, its temporary folder removed."""
         self._writing = None
+        try:
+            self._manager.wait_until_finished()  # orbax's other writer threads, before their folder goes
+        except Exception:
+            pass  # the same failure, raised again
         for partial in self.directory.glob(f"{step}{TMP_SUFFIX}*"):
             shutil.rmtree(partial, ignore_errors=True)
         self._manager.reload()
