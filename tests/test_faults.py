@@ -19,7 +19,7 @@ from jaxllm import train as train_lib
 from jaxllm.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TMP = checkpoint_lib.TMP_SUFFIX
+TMP = ".orbax-checkpoint-tmp"  # orbax's suffix of a step folder being written
 
 
 def tiny_args(tmp_path, steps=12, **overrides):
