@@ -57,18 +57,19 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used with this config, described for the user."""
 
 
-class _OrbaxThreadErrors(logging.Filter):
-    """Drops orbax's log of an exception in its writer threads: orbax raises it again where the save is
-    waited for, and there it becomes a CheckpointError (the log would print its traceback twice first)."""
+class _OrbaxNoise(logging.Filter):
+    """Drops orbax's log of an exception in its writer threads (orbax raises it again where the save is
+    waited for, and there it becomes a CheckpointError; the log would print its traceback twice first),
+    and its warning that a reader's folder is read-only."""
 
     MESSAGES = ("_SignalingThread.run() raised an exception", "in background save thread",
-                "Save Finalize thread")
+                "Save Finalize thread", "Given directory is read only")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(text in str(record.msg) for text in self.MESSAGES)
 
 
-_ORBAX_THREAD_ERRORS = _OrbaxThreadErrors()
+_ORBAX_NOISE = _OrbaxNoise()
 
 
 def shape_signature(model_cfg) -> dict[str, Any]:
@@ -131,11 +132,12 @@ class Checkpointer:
         self._rejected: dict[int, str] = {}  # step -> why it does not load (warned once)
         self._writing: int | None = None  # the step of a save not yet waited for
         if read_only:
-            options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False)
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False,
+                                                   save_interval_steps=0)
         else:
             options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                                    enable_async_checkpointing=async_save)
-        logging.getLogger("absl").addFilter(_ORBAX_THREAD_ERRORS)
+        logging.getLogger("absl").addFilter(_ORBAX_NOISE)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def wait_until_finished(self) -> None:
