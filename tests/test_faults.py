@@ -118,7 +118,7 @@ def test_kill_9_at_random_points_resumes_exactly(tmp_path, capsys):
 
 @pytest.mark.slow  # 20 kills, 21 start-ups: ~10-20 min on 2 cores
 def test_kill_9_twenty_times_resumes_exactly(tmp_path, capsys):
-    counts = kill_suite(tmp_path, capsys, kills=20, seed=1, steps=60)  # long enough to be killed 20 times
+    counts = kill_suite(tmp_path, capsys, kills=20, seed=1, steps=100)  # long enough to be killed 20 times
     with capsys.disabled():
         print(f"\nkill suite: {counts}")
     assert counts["kills"] == 20
