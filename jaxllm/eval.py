@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_questions:
             questions = questions[:args.max_questions]
         params, step = load_params(run_dir, config)
-        mesh = sharding.make_mesh(config.train.num_devices)
+        mesh = sharding.make_mesh(min(config.train.num_devices, jax.device_count()))  # the run may have had more
         if config.mathqa.eval_batch_size % mesh.size:
             config.mathqa.eval_batch_size = -(-config.mathqa.eval_batch_size // mesh.size) * mesh.size
         model = models.build(config)

@@ -59,14 +59,14 @@ def initial_params(config, init_from: str | pathlib.Path):
     LoRA adapters in it are merged; with `finetune.lora.rank > 0` fresh adapters are added on top.
     """
     folder, step = checkpoint_lib.locate(init_from)
-    checkpointer = checkpoint_lib.Checkpointer(folder)
+    checkpointer = checkpoint_lib.Checkpointer(folder, read_only=True)
     try:
         checkpointer.check_compatible(step, config.model)
         checkpoint_lib.check_moe_compatible(checkpointer, step, config)
-        state, _ = checkpointer.restore_saved(step)
+        params = checkpointer.restore_params(step)
     finally:
         checkpointer.close()
-    params = lora_lib.merge(state["params"], config.finetune.lora.alpha)
+    params = lora_lib.merge(params, config.finetune.lora.alpha)
     expected = models.abstract_params(config.model, config.moe)
     mismatched = [f"{jax.tree_util.keystr(path)} {getattr(leaf, 'shape', None)}"
                   for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]
