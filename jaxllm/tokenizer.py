@@ -8,8 +8,8 @@ Two tokenizers share one small interface (`name`, `n_vocab`, `eot_id`, `encode`,
 
 `encode` is tiktoken's `encode_ordinary`: no end-of-text is added and special-token text such as
 "<|endoftext|>" inside a document is encoded as plain text. The data pipeline appends `eot_id` itself.
-Tokenizers are small picklable values (the BPE tables are rebuilt lazily in each process), so they can be
-passed to `datasets.map(num_proc=...)`.
+Tokenizers are small values that cross process boundaries cheaply (the BPE tables are rebuilt lazily in
+each process), so prepare's tokenizer workers (jaxllm/data/encode.py) receive them as arguments.
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     m, t = config.model, config.train
     tokenizer = get_tokenizer(config.data.tokenizer, config.data.tokenizer_path)
     check_vocab(config, tokenizer)
-    # Tokenize before JAX starts its threads: prepare forks worker processes.
+    # Tokenize first: prepare's workers start from a fork server (never a fork of this JAX process).
     data_dir = prepare(config.data, tokenizer, progress=t.progress)
     mesh = sharding.make_mesh(t.num_devices)
     check_batch_layout(config, mesh)
