@@ -40,6 +40,7 @@ import pathlib
 import re
 import shutil
 import sys
+import time
 from typing import Any
 
 import jax
@@ -212,8 +213,14 @@ class Checkpointer:
             self._manager.wait_until_finished()  # orbax's other writer threads, before their folder goes
         except Exception:
             pass  # the same failure, raised again
-        for partial in self.directory.glob(f"{step}{TMP_SUFFIX}*"):
-            shutil.rmtree(partial, ignore_errors=True)
+        # A writer thread orbax does not wait for may still create files: remove until the folder stays gone.
+        for _ in range(50):
+            partials = list(self.directory.glob(f"{step}{TMP_SUFFIX}*"))
+            if not partials:
+                break
+            for partial in partials:
+                shutil.rmtree(partial, ignore_errors=True)
+            time.sleep(0.1)
         self._manager.reload()
         previous = [s for s in self._manager.all_steps() if s != step]
         kept = (f"the previous checkpoint (step {max(previous)}) is intact" if previous

@@ -101,6 +101,7 @@ def test_fit_steps_to_budget_ends_the_schedule_where_training_ends(tmp_path, mon
     assert last_lr == pytest.approx(config.optim.lr / config.optim.div_factor / config.optim.final_div_factor)
 
 
+@pytest.mark.slow
 def test_resumed_fit_keeps_its_steps_without_measuring_again(tmp_path, monkeypatch, capsys):
     with monkeypatch.context() as patch:
         fake_timing(patch, kill_at=20)  # dies at step 20, after the fit (last checkpoint: 16)
@@ -115,6 +116,7 @@ def test_resumed_fit_keeps_its_steps_without_measuring_again(tmp_path, monkeypat
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == expected_fit()
 
 
+@pytest.mark.slow
 def test_warning_when_the_schedule_does_not_fit_the_budget(tmp_path, monkeypatch, capsys):
     fake_timing(monkeypatch)
     budget = {"train.steps": 20, "train.eval_every": 100, "train.full_eval_at_end": False}
@@ -204,6 +206,7 @@ def test_async_checkpoints_resume_exactly_and_are_complete(tmp_path, monkeypatch
     assert meta["step"] == 8 and int(state["step"]) == 8
 
 
+@pytest.mark.slow
 def test_prefetching_leaves_the_losses_unchanged(tmp_path):
     train_lib.train(tiny_config(tmp_path, **{"train.prefetch": 0}), tmp_path / "inline")
     train_lib.train(tiny_config(tmp_path, **{"train.prefetch": 2}), tmp_path / "prefetched")

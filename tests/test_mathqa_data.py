@@ -185,6 +185,7 @@ def test_batch_length_is_the_longest_example_rounded_up():
     assert mathqa.padded_length([10], pad_multiple=0, max_length=256) == 256
 
 
+@pytest.mark.slow
 def test_padding_changes_no_loss():
     c = config_lib.default_config()
     c.model.n_layer, c.model.n_embd, c.model.n_head, c.model.vocab_size, c.model.sequence_length = 2, 32, 2, 320, 128

@@ -225,6 +225,7 @@ def test_remat_policies_agree(name, dropout):
 # --- grouped-query attention ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_remat_dots_keeps_the_projection_matmuls():
     """remat="dots" recomputes only the attention core's two batched matmuls per layer in the backward
     pass; "full" recomputes the projections too (dots counted in the compiled gradient)."""

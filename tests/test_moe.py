@@ -245,6 +245,7 @@ def test_router_gets_gradients_and_metrics_are_reported(tmp_path, mode):
     assert (metrics["moe/dropped_fraction"] > 0) == (mode == "capacity")
 
 
+@pytest.mark.slow
 def test_remat_keeps_moe_outputs_and_stats(tmp_path):
     outs = []
     for remat in ("none", "full"):

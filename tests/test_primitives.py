@@ -80,6 +80,7 @@ def test_causal_attention_matches_autodiff(dtype, n_kv_head):
         np.testing.assert_allclose(g, w, **TOL[dtype])
 
 
+@pytest.mark.slow
 def test_causal_attention_with_dropout_matches_autodiff():
     b, l, h, k, rate = 2, 10, 4, 8, 0.3
     keys = jax.random.split(jax.random.key(2), 4)

@@ -65,6 +65,7 @@ def test_chunked_cross_entropy_equals_plain_sums_and_grads(chunk):
     assert not np.any(nll_grad)
 
 
+@pytest.mark.slow
 def test_chunked_cross_entropy_bf16_hidden_keeps_float32_head_grad():
     hidden_BxLxD = jax.random.normal(jax.random.key(0), (2, 8, 16)).astype(jnp.bfloat16)
     head_DxV = jax.random.normal(jax.random.key(1), (16, 40))
@@ -130,6 +131,7 @@ def _one_step(config):
     return step(state, batch)
 
 
+@pytest.mark.slow
 def test_train_step_with_head_chunk_matches_plain_step():
     # SGD, so the updated params compare the gradients themselves: AdamW's first step divides each gradient
     # by its own magnitude, which turns float32 summation-order noise in a near-zero gradient into a
@@ -143,6 +145,7 @@ def test_train_step_with_head_chunk_matches_plain_step():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bf16_run_losses_within_tolerance_of_f32(tmp_path):
     """bf16 matmuls (float32 params, residual stream, norms, softmax and loss) track the float32 run: every
     logged train loss of an 8-step tiny run within 0.003 nats (measured 2026-12-02: at most 5.5e-4 with the

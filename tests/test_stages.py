@@ -149,6 +149,7 @@ def test_killed_finetune_resumes_exactly_and_pretrain_is_not_rerun(tmp_path, mon
         assert a == b, split
 
 
+@pytest.mark.slow
 def test_lora_stage_trains_adapters_only_and_reports_optimizer_memory(tmp_path):
     full = staged_config(tmp_path, **{"finetune.train.steps": 2, "mathqa.eval_shots": ""})
     lora = staged_config(tmp_path, **{"finetune.train.steps": 2, "mathqa.eval_shots": "",
@@ -178,6 +179,7 @@ def test_stage_config_errors():
         config_lib.validate(c)
 
 
+@pytest.mark.slow
 def test_finetune_stage_fits_its_steps_to_its_budget(tmp_path, monkeypatch):
     from test_loop import fake_timing  # 10 fake seconds per train step, 3 per evaluation
 

@@ -195,6 +195,7 @@ def test_one_device_equals_four_devices(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), params_4, params_1)
 
 
+@pytest.mark.slow
 def test_training_on_four_devices_runs(tmp_path):
     summary = train_lib.train(tiny_config(tmp_path, **{"train.num_devices": 4, "train.steps": 2}), tmp_path / "run")
     assert summary["step"] == 2
