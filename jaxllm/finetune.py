@@ -186,12 +186,7 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
         return {**summary, "stopped": stop_reason}
     if stop_reason:
         summary["stopped"] = stop_reason
-    if not result.trained:
-        print(f"the fine-tune in {workdir} is already finished at step {step_number} "
-              f"({meta.get('stopped') or stop_reason or 'all train.steps done'}); nothing to train"
-              f"{': raise finetune.train.max_duration_s to train on' if stop_reason else ''}", file=sys.stderr)
-    elif stop_reason:
-        print(f"{stop_reason}: fine-tune stopped at step {step_number}; the stage is finished", file=sys.stderr)
+    loop.report_end(result, meta, run="the fine-tune", workdir=workdir, budget_field="finetune.train.max_duration_s")
 
     # A stage killed during these final evaluations redoes only the ones it had not written yet.
     rows = [r for r in read_metrics(writer.path) if r["step"] == step_number]

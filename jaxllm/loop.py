@@ -339,6 +339,19 @@ def run_loop(state, *, train_cfg, train_step: Callable, host_batch: Callable[[in
     return LoopResult(state=state, step=step_number, stop_reason=stop_reason, train=last_train, val=last_val)
 
 
+def report_end(result: LoopResult, meta: dict[str, Any], *, run: str, workdir, budget_field: str) -> None:
+    """One stderr line for a run that had nothing left to train, or that its budget stopped (and is finished).
+
+    `run` names it ("the run", "the fine-tune"); `budget_field` is the field that raises its budget.
+    """
+    if not result.trained:
+        print(f"{run} in {workdir} is already finished at step {result.step} "
+              f"({meta.get('stopped') or result.stop_reason or 'all train.steps done'}); nothing to train"
+              f"{': raise ' + budget_field + ' to train on' if result.stop_reason else ''}", file=sys.stderr)
+    elif result.stop_reason:
+        print(f"{result.stop_reason}: stopped at step {result.step}; {run} is finished", file=sys.stderr)
+
+
 def _device_batch(host_batch: Callable[[int], dict], shard: Callable, step_number: int) -> tuple[int, Any]:
     """(real tokens in the batch, the batch on the mesh) of step `step_number`."""
     host = host_batch(step_number)

@@ -162,12 +162,7 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     summary = {"step": step_number, "train": result.train, "val": result.val}
     if stop_reason:
         summary["stopped"] = stop_reason
-    if not result.trained:
-        print(f"the run in {workdir} is already finished at step {step_number} "
-              f"({meta.get('stopped') or stop_reason or 'all train.steps done'}); nothing to train"
-              f"{': raise train.max_duration_s to train on' if stop_reason else ''}", file=sys.stderr)
-    elif stop_reason:
-        print(f"{stop_reason}: stopped at step {step_number}; the run is finished", file=sys.stderr)
+    loop.report_end(result, meta, run="the run", workdir=workdir, budget_field="train.max_duration_s")
     if t.full_eval_at_end and not _has_full_eval(writer.path, step_number):
         if not t.eval_batches and result.val.get("step") == step_number:  # that evaluation was already the full one
             full_metrics = {k: v for k, v in result.val.items() if k not in ("step", "split")}

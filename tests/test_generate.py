@@ -18,15 +18,22 @@ def test_greedy_kv_cache_generation_equals_full_forward_argmax(n_kv_head, tie):
     model = models.build_model(c.model)
     prompt = jax.random.randint(jax.random.key(1), (2, 5), 0, 64)
     params = model.init(jax.random.key(0), prompt)["params"]
-    out = np.asarray(generate.generate(model, params, prompt, max_new_tokens=8))
-    # The reference: re-run the training model on the whole sequence each step. The sequence is kept at a
-    # fixed length of 13 (trailing zeros) so it compiles once; causality makes the padding irrelevant.
+    assert_generation_equals_full_forward_argmax(model, params, prompt, max_new_tokens=8)
+
+
+def assert_generation_equals_full_forward_argmax(model, params, prompt_BxP, max_new_tokens: int) -> None:
+    """Greedy `generate` (KV cache) == argmax of the training model re-run on the whole sequence each step.
+
+    The sequence is kept at a fixed length (trailing zeros) so it compiles once; causality makes the padding
+    irrelevant."""
+    out = np.asarray(generate.generate(model, params, prompt_BxP, max_new_tokens=max_new_tokens))
     full = jax.jit(lambda t: model.apply({"params": params}, t))
-    tokens = np.zeros((2, 13), np.int32)
-    tokens[:, :5] = np.asarray(prompt)
-    for n in range(5, 13):
+    b, p = prompt_BxP.shape
+    tokens = np.zeros((b, p + max_new_tokens), np.int32)
+    tokens[:, :p] = np.asarray(prompt_BxP)
+    for n in range(p, p + max_new_tokens):
         tokens[:, n] = np.asarray(jnp.argmax(full(jnp.asarray(tokens))[:, n - 1], -1))
-    np.testing.assert_array_equal(out, tokens[:, 5:])
+    np.testing.assert_array_equal(out, tokens[:, p:])
 
 
 def _cached_and_full_logits(c, cache_dtype):
@@ -89,13 +96,7 @@ def test_moe_generation_equals_full_forward_argmax():
     model = models.build(c)
     prompt = jax.random.randint(jax.random.key(1), (2, 5), 0, 64)
     params = model.init(jax.random.key(0), prompt)["params"]
-    out = np.asarray(generate.generate(model, params, prompt, max_new_tokens=6))
-    full = jax.jit(lambda t: model.apply({"params": params}, t))
-    tokens = np.zeros((2, 11), np.int32)
-    tokens[:, :5] = np.asarray(prompt)
-    for n in range(5, 11):
-        tokens[:, n] = np.asarray(jnp.argmax(full(jnp.asarray(tokens))[:, n - 1], -1))
-    np.testing.assert_array_equal(out, tokens[:, 5:])
+    assert_generation_equals_full_forward_argmax(model, params, prompt, max_new_tokens=6)
 
 
 def test_gpt2_generation_past_its_positions_is_refused():
