@@ -18,6 +18,7 @@ from typing import Any
 import ml_collections
 
 MODEL_NAMES = ("llama", "gpt2")
+ROPE_SCALINGS = ("none", "llama3")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("auto", "cudnn", "xla", "jaxllm")  # jaxllm/models/attention.py: attention_impl
@@ -54,6 +55,12 @@ def default_config() -> ml_collections.ConfigDict:
     m.mlp_multiple_of = 256  # llama: hidden = multiple_of rounding of int(2 * 4 * d / 3)
     m.norm_eps = 1e-5
     m.rope_theta = 10000.0
+    m.rope_scaling = "none"  # none, or llama3 (Llama 3.1+ long-context scaling with the four fields below)
+    m.rope_scaling_factor = 8.0
+    m.rope_low_freq_factor = 1.0
+    m.rope_high_freq_factor = 4.0
+    m.rope_original_max_len = 8192  # original_max_position_embeddings
+    m.head_dim = 0  # size of each attention head; 0 = n_embd / n_head (imported Hugging Face models may differ)
     m.tie_embeddings = True  # LM head shares the token embedding
     m.init_std = 0.02  # N(0, std); residual output projections use std / sqrt(2 * n_layer)
     m.dropout = 0.0
@@ -340,12 +347,19 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if config.loss.head_chunk < -1:
         raise ConfigError(f"loss.head_chunk is {config.loss.head_chunk}; use a chunk size > 0, 0 (full logits) "
                           f"or -1 (auto)")
-    if m.n_embd % m.n_head:
+    if m.head_dim < 0 or (m.head_dim and m.name != "llama"):
+        raise ConfigError(f"model.head_dim is {m.head_dim}; it must be 0 (n_embd / n_head), or > 0 for llama")
+    if not m.head_dim and m.n_embd % m.n_head:
         raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
                           f"try n_head={_divisor_near(m.n_embd, m.n_head)}")
-    head_dim = m.n_embd // m.n_head
+    head_dim = m.head_dim or m.n_embd // m.n_head
     if m.name == "llama" and head_dim % 2:
-        raise ConfigError(f"RoPE needs an even head size, but n_embd/n_head = {head_dim}; change model.n_head")
+        raise ConfigError(f"RoPE needs an even head size, but the head size is {head_dim}; change model.n_head")
+    _choice(m.rope_scaling, ROPE_SCALINGS, "model.rope_scaling")
+    if m.rope_scaling == "llama3" and not (m.rope_scaling_factor >= 1 and 0 < m.rope_low_freq_factor
+                                           < m.rope_high_freq_factor and m.rope_original_max_len > 0):
+        raise ConfigError("model.rope_scaling=llama3 needs rope_scaling_factor >= 1, 0 < rope_low_freq_factor < "
+                          "rope_high_freq_factor and rope_original_max_len > 0")
     n_kv = m.n_kv_head or m.n_head
     if m.n_head % n_kv:
         raise ConfigError(f"model.n_head ({m.n_head}) must be a multiple of model.n_kv_head ({n_kv})")

@@ -30,7 +30,7 @@ from jaxllm.models.llama import Llama
 from jaxllm.models.moe import MoESpec
 
 __all__ = ["GPT2", "Llama", "build", "build_model", "init_cache", "count_params", "param_count",
-           "active_param_count", "flops_per_token", "mlp_hidden", "residual_dtype", "lm_head_matrix"]
+           "active_param_count", "flops_per_token", "head_dim", "rope_scaling", "mlp_hidden", "residual_dtype", "lm_head_matrix"]
 
 
 def build_model(model_cfg, moe_cfg=None) -> nn.Module:
@@ -55,8 +55,22 @@ def build_model(model_cfg, moe_cfg=None) -> nn.Module:
             raise ConfigError("mixture-of-experts MLPs are for llama; set moe.n_experts=0 for gpt2")
         return GPT2(sequence_length=m.sequence_length, **common)
     if m.name == "llama":
-        return Llama(n_kv_head=m.n_kv_head or m.n_head, rope_theta=m.rope_theta, moe=moe, **common)
+        return Llama(n_kv_head=m.n_kv_head or m.n_head, rope_theta=m.rope_theta, moe=moe,
+                     head_dim=m.get("head_dim", 0), rope_scaling=rope_scaling(m), **common)
     raise ValueError(f"model.name is '{m.name}'; choose one of gpt2, llama")
+
+
+def head_dim(model_cfg) -> int:
+    """K, the size of an attention head: `model.head_dim`, or n_embd / n_head when it is 0 (or absent)."""
+    return int(model_cfg.get("head_dim", 0) or model_cfg.n_embd // model_cfg.n_head)
+
+
+def rope_scaling(model_cfg) -> tuple[float, float, float, int] | None:
+    """The llama3 rope scaling of a `model` section as `layers.rope_inv_freq` takes it; None when off."""
+    if model_cfg.get("rope_scaling", "none") != "llama3":
+        return None
+    return (float(model_cfg.rope_scaling_factor), float(model_cfg.rope_low_freq_factor),
+            float(model_cfg.rope_high_freq_factor), int(model_cfg.rope_original_max_len))
 
 
 def build(config) -> nn.Module:
@@ -69,7 +83,7 @@ def init_cache(model: nn.Module, batch: int, size: int) -> tuple[dict[str, jax.A
     """An empty KV cache for `model` (a built GPT2 or Llama): per layer {"k", "v"} zeros [B, S, G, K] in the
     compute dtype, for S = `size` positions (prompt + new tokens)."""
     g = getattr(model, "n_kv_head", model.n_head)
-    shape = (batch, size, g, model.n_embd // model.n_head)
+    shape = (batch, size, g, getattr(model, "head_dim", 0) or model.n_embd // model.n_head)
     return tuple({"k": jnp.zeros(shape, model.dtype), "v": jnp.zeros(shape, model.dtype)}
                  for _ in range(model.n_layer))
 
@@ -120,12 +134,13 @@ def active_param_count(model_cfg, moe_cfg=None) -> int:
 def flops_per_token(model_cfg, moe_cfg=None) -> float:
     """Training FLOPs per token (forward + backward) of the configured model:
 
-        6 * (N_nonembed + V * D) + 6 * n_layer * T * D
+        6 * (N_nonembed + V * D) + 6 * n_layer * T * H * K
 
     N_nonembed is every parameter except the token embedding, the learned positions and an untied LM
     head; V * D is the LM head's matmul, counted whether tied or not (so tying does not change the count).
     6 = 2 (multiply-add) x 3 (forward, and the two backward matmuls). The attention term is the
-    12 * n_layer * T * D of QK^T and AV (forward + backward, T = sequence_length) halved because the
+    12 * n_layer * T * H * K of QK^T and AV (forward + backward, T = sequence_length, H * K = D unless
+    model.head_dim says otherwise) halved because the
     causal mask makes half the scores unneeded, as MaxText counts it. With mixture-of-experts layers only
     the active parameters count (the top_k chosen experts and the router): the routing's own cost, not
     what a capacity factor > 1 or the dropless CPU lowering actually spend.
@@ -134,5 +149,5 @@ def flops_per_token(model_cfg, moe_cfg=None) -> float:
     v, d = model_cfg.vocab_size, model_cfg.n_embd
     embedding = sum(count_params(params[name]) for name in ("embed", "pos_embed", "lm_head") if name in params)
     n_nonembed = count_params(params) - embedding - inactive_expert_params(model_cfg, moe_cfg)
-    attention = 6 * model_cfg.n_layer * model_cfg.sequence_length * d
+    attention = 6 * model_cfg.n_layer * model_cfg.sequence_length * model_cfg.n_head * head_dim(model_cfg)
     return float(6 * (n_nonembed + v * d) + attention)

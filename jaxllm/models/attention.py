@@ -113,7 +113,8 @@ def resolve(model_cfg) -> str:
     """
     requested = model_cfg.get("attention", "auto")
     return attention_impl(requested, jax.default_backend(), jnp.dtype(model_cfg.dtype),
-                          model_cfg.n_embd // model_cfg.n_head, float(model_cfg.dropout),
+                          int(model_cfg.get("head_dim", 0) or model_cfg.n_embd // model_cfg.n_head),
+                          float(model_cfg.dropout),
                           device_compute_capability())
 
 

@@ -133,14 +133,35 @@ class LayerNorm(nn.Module):
         return y32_BxLxD.astype(self.dtype)
 
 
-def rope_angles(positions_L: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos and sin of the RoPE angles, each float32 [L, K/2]: angle(p, i) = p * theta^(-2i/K).
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple[float, float, float, int] | None = None) -> jax.Array:
+    """The K/2 rotary frequencies theta^(-2i/K), float32, optionally rescaled for long contexts.
+
+    `scaling` = (factor, low_freq_factor, high_freq_factor, original_max_len) is Llama 3.1's "llama3"
+    rope scaling (transformers' `_compute_llama3_parameters`): wavelengths longer than
+    original_max_len / low_freq_factor are stretched by `factor`, those shorter than
+    original_max_len / high_freq_factor are kept, and the band between is interpolated smoothly.
+    """
+    inv_freq_half = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if scaling is None:
+        return inv_freq_half
+    factor, low_freq_factor, high_freq_factor, original_max_len = scaling
+    wavelen_half = 2 * math.pi / inv_freq_half
+    scaled_half = jnp.where(wavelen_half > original_max_len / low_freq_factor, inv_freq_half / factor, inv_freq_half)
+    smooth_half = (original_max_len / wavelen_half - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed_half = (1 - smooth_half) * scaled_half / factor + smooth_half * scaled_half
+    medium_half = (wavelen_half >= original_max_len / high_freq_factor) & (wavelen_half <= original_max_len / low_freq_factor)
+    return jnp.where(medium_half, smoothed_half, scaled_half)
+
+
+def rope_angles(positions_L: jax.Array, head_dim: int, theta: float,
+                scaling: tuple[float, float, float, int] | None = None) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of the RoPE angles, each float32 [L, K/2]: angle(p, i) = p * inv_freq_i (`rope_inv_freq`).
 
     Positions are cast to float32 first: in bfloat16 (8 mantissa bits) integers above 256 are rounded,
     which would silently give distant tokens the same angle.
     """
     positions_L = positions_L.astype(jnp.float32)
-    inv_freq_half = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    inv_freq_half = rope_inv_freq(head_dim, theta, scaling)
     angles_LxHalf = positions_L[:, None] * inv_freq_half[None, :]
     return jnp.cos(angles_LxHalf), jnp.sin(angles_LxHalf)
 
@@ -181,6 +202,8 @@ class CausalSelfAttention(nn.Module):
     out_std: float
     use_rope: bool = False
     rope_theta: float = 10000.0
+    rope_scaling: tuple[float, float, float, int] | None = None  # llama3 rope scaling (rope_inv_freq)
+    head_dim: int = 0  # K; 0 = D / H
     dropout: float = 0.0
     attention: str = "jaxllm"  # the kernel: attention_lib.attention_impl's answer, never "auto"
     dtype: Dtype = jnp.float32
@@ -191,14 +214,15 @@ class CausalSelfAttention(nn.Module):
                  position: jax.Array | None = None, start_B: jax.Array | None = None):
         b, l, d = x_BxLxD.shape
         h, g = self.n_head, self.n_kv_head
-        k = d // h
+        k = self.head_dim or d // h
         proj = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
         q_BxLxHxK = proj(h * k, self.init_std, name="q")(x_BxLxD).reshape(b, l, h, k)
         k_BxLxGxK = proj(g * k, self.init_std, name="k")(x_BxLxD).reshape(b, l, g, k)
         v_BxLxGxK = proj(g * k, self.init_std, name="v")(x_BxLxD).reshape(b, l, g, k)
         positions_L = None if cache is None else position + jnp.arange(l)  # decoding: where the tokens sit
         if self.use_rope:
-            cos_LxHalf, sin_LxHalf = rope_angles(jnp.arange(l) if cache is None else positions_L, k, self.rope_theta)
+            cos_LxHalf, sin_LxHalf = rope_angles(jnp.arange(l) if cache is None else positions_L, k, self.rope_theta,
+                                                  self.rope_scaling)
             q_BxLxHxK = apply_rope(q_BxLxHxK, cos_LxHalf, sin_LxHalf)
             k_BxLxGxK = apply_rope(k_BxLxGxK, cos_LxHalf, sin_LxHalf)
         if cache is not None:

@@ -45,6 +45,8 @@ class Block(nn.Module):
     moe: MoESpec | None = None  # set: the MLP is a mixture of SwiGLU experts (models/moe.py)
     attention: str = "jaxllm"  # the attention kernel (models/attention.py), already resolved
     residual_dtype: Dtype = jnp.float32  # the dtype of the stream x the block reads and returns
+    head_dim: int = 0  # K; 0 = D / H
+    rope_scaling: tuple[float, float, float, int] | None = None  # layers.rope_inv_freq
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, deterministic: bool = True, cache: dict | None = None,
@@ -54,7 +56,8 @@ class Block(nn.Module):
         norm = dict(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         attn = layers.CausalSelfAttention(
             n_head=self.n_head, n_kv_head=self.n_kv_head, init_std=self.init_std, out_std=out_std,
-            use_rope=True, rope_theta=self.rope_theta, dropout=self.dropout, attention=self.attention,
+            use_rope=True, rope_theta=self.rope_theta, rope_scaling=self.rope_scaling, head_dim=self.head_dim,
+            dropout=self.dropout, attention=self.attention,
             dtype=self.dtype, param_dtype=self.param_dtype, name="attn")
         if self.moe is None:
             mlp = layers.SwiGLU(hidden=self.mlp_hidden, init_std=self.init_std, out_std=out_std, dtype=self.dtype,
@@ -109,6 +112,8 @@ class Llama(nn.Module):
     moe: MoESpec | None = None  # mixture-of-experts MLPs in the layers moe.is_moe_layer(i) selects
     attention: str = "jaxllm"  # "jaxllm", "xla" or "cudnn" (models/attention.py)
     residual_dtype: Dtype = jnp.float32  # the residual stream's dtype: float32 (the reference) or `dtype`
+    head_dim: int = 0  # K, the size of each attention head; 0 = n_embd / n_head (imported models may differ)
+    rope_scaling: tuple[float, float, float, int] | None = None  # Llama 3.1's long-context rope scaling
 
     @nn.compact
     def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True, return_hidden: bool = False,
@@ -124,7 +129,8 @@ class Llama(nn.Module):
                               init_std=self.init_std, dropout=self.dropout, dtype=self.dtype,
                               param_dtype=self.param_dtype,
                               moe=self.moe if self.moe is not None and self.moe.is_moe_layer(i) else None,
-                              attention=self.attention, residual_dtype=self.residual_dtype, name=f"blocks_{i}")
+                              attention=self.attention, residual_dtype=self.residual_dtype,
+                              head_dim=self.head_dim, rope_scaling=self.rope_scaling, name=f"blocks_{i}")
             if cache is None:
                 x_BxLxD = block(x_BxLxD, deterministic)
             else:
