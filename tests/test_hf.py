@@ -1,0 +1,170 @@
+"""Hugging Face Llama import and export (jaxllm/hf.py) against transformers itself, on random tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jaxllm import generate as generate_lib  # noqa: E402
+from jaxllm import hf, models  # noqa: E402
+
+VOCAB = 101
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 512}
+SHAPES = {  # the variants the issue names: MHA, GQA with 1 and 2 KV heads, tied/untied, llama3, theta 5e5
+    "mha_untied": dict(num_key_value_heads=4),
+    "gqa1_tied": dict(num_key_value_heads=1, tie_word_embeddings=True),
+    "gqa2_llama3": dict(num_key_value_heads=2, rope_theta=500000.0, rope_scaling=dict(LLAMA3),
+                        max_position_embeddings=1024),
+    "gqa2_head_dim": dict(num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5),
+}
+
+
+def hf_model(seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
+                                      num_attention_heads=4, initializer_range=0.2, **overrides)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # norms away from 1, so a swapped norm weight shows
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+def hf_logits(model, tokens_BxL: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(tokens_BxL)).logits.float().numpy()
+
+
+def jax_logits(config, params, tokens_BxL: np.ndarray) -> np.ndarray:
+    return np.asarray(models.build(config).apply({"params": params}, jnp.asarray(tokens_BxL, jnp.int32)))
+
+
+TOKENS_BxL = np.random.default_rng(0).integers(0, VOCAB, (2, 96))
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_import_gives_transformers_logits(tmp_path, name):
+    model = hf_model(**SHAPES[name])
+    model.save_pretrained(tmp_path)
+    config, params = hf.load_pretrained(str(tmp_path))
+    assert config.model.n_kv_head == SHAPES[name]["num_key_value_heads"]
+    np.testing.assert_allclose(jax_logits(config, params, TOKENS_BxL), hf_logits(model, TOKENS_BxL), atol=1e-4, rtol=0)
+
+
+def test_llama3_scaling_matters(tmp_path):
+    """The llama3 test above would pass by accident if the scaling were ignored at these positions: it is not."""
+    model = hf_model(**SHAPES["gqa2_llama3"])
+    model.save_pretrained(tmp_path)
+    config, params = hf.load_pretrained(str(tmp_path))
+    config.model.rope_scaling = "none"
+    assert np.abs(jax_logits(config, params, TOKENS_BxL) - hf_logits(model, TOKENS_BxL)).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["gqa1_tied", "gqa2_llama3"])
+def test_export_round_trip(tmp_path, name):
+    """HF -> jaxllm -> HF: the same weights bit for bit, and transformers loads the export to the same logits."""
+    model = hf_model(**SHAPES[name])
+    model.save_pretrained(tmp_path / "in")
+    config, params = hf.load_pretrained(str(tmp_path / "in"))
+    hf.save_pretrained(config, params, tmp_path / "out")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    original = model.state_dict()
+    for key, value in again.state_dict().items():
+        assert torch.equal(value, original[key]), key
+    np.testing.assert_array_equal(hf_logits(again, TOKENS_BxL), hf_logits(model, TOKENS_BxL))
+
+
+def test_export_of_a_jaxllm_model_gives_its_logits(tmp_path):
+    """A model born in jaxllm (random init) exported and loaded by transformers gives jaxllm's logits."""
+    import jax
+
+    from jaxllm.config import default_config
+
+    config = default_config()
+    config.model.update(n_layer=2, n_embd=48, n_head=6, n_kv_head=2, vocab_size=VOCAB, sequence_length=128,
+                        tie_embeddings=False)
+    params = models.build(config).init(jax.random.key(3), jnp.zeros((1, 8), jnp.int32))["params"]
+    hf.save_pretrained(config, params, tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    np.testing.assert_allclose(hf_logits(model, TOKENS_BxL), jax_logits(config, params, TOKENS_BxL), atol=1e-4, rtol=0)
+
+
+def test_bfloat16_export_and_sharded_bf16_import(tmp_path):
+    """--dtype bfloat16 writes bf16 tensors; a sharded bf16 checkpoint imports exactly (bf16 -> f32 is exact)."""
+    model = hf_model(**SHAPES["mha_untied"]).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "in", max_shard_size="20KB")
+    assert (tmp_path / "in" / hf.INDEX).is_file()
+    config, params = hf.load_pretrained(str(tmp_path / "in"))
+    hf.save_pretrained(config, params, tmp_path / "out", dtype="bfloat16")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
+    for key, value in again.state_dict().items():
+        assert value.dtype == torch.bfloat16 and torch.equal(value, model.state_dict()[key]), key
+
+
+def test_greedy_generation_matches_transformers(tmp_path):
+    model = hf_model(**SHAPES["gqa2_llama3"])
+    model.save_pretrained(tmp_path)
+    config, params = hf.load_pretrained(str(tmp_path))
+    prompt = TOKENS_BxL[:1, :7]
+    with torch.no_grad():
+        want = model.generate(torch.tensor(prompt), max_new_tokens=20, do_sample=False, min_new_tokens=20,
+                              pad_token_id=0)[0, 7:].numpy()
+    got = generate_lib.generate(models.build(config), params, prompt, max_new_tokens=20)
+    np.testing.assert_array_equal(np.asarray(got)[0], want)
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("attention_bias", True, "attention_bias"),
+    ("mlp_bias", True, "mlp_bias"),
+    ("hidden_act", "gelu", "hidden_act"),
+    ("sliding_window", 64, "sliding_window"),
+    ("rope_scaling", {"rope_type": "linear", "factor": 2.0}, "linear"),
+    ("rope_scaling", {"type": "yarn", "factor": 2.0}, "yarn"),
+    ("model_type", "mistral", "mistral"),
+])
+def test_unsupported_fields_are_refused_by_name(tmp_path, field, value, named):
+    model = hf_model(**SHAPES["mha_untied"])
+    model.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw.pop("rope_parameters", None) if field == "rope_scaling" else None
+    raw[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(hf.HFError, match=named):
+        hf.load_pretrained(str(tmp_path))
+
+
+def test_missing_files_and_offline_hub_are_one_sentence(tmp_path, monkeypatch):
+    with pytest.raises(hf.HFError, match="no config.json"):
+        hf.load_pretrained(str(tmp_path))
+    model = hf_model(**SHAPES["mha_untied"])
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(hf.HFError, match="safetensors only"):
+        hf.load_pretrained(str(tmp_path))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not safetensors")
+    (tmp_path / "pytorch_model.bin").rename(tmp_path / "model.safetensors")
+    with pytest.raises(hf.HFError, match="not a readable safetensors"):
+        hf.load_pretrained(str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(hf.HFError, match="cannot download the Hub model nobody/no-such-model"):
+        hf.load_pretrained("nobody/no-such-model")
+
+
+def test_gpt2_and_moe_runs_are_refused_for_export(tmp_path):
+    from jaxllm.config import default_config
+
+    config = default_config()
+    config.model.name = "gpt2"
+    with pytest.raises(hf.HFError, match="llama models only"):
+        hf.save_pretrained(config, {}, tmp_path)
+    config.model.name, config.moe.n_experts = "llama", 4
+    with pytest.raises(hf.HFError, match="mixture-of-experts"):
+        hf.save_pretrained(config, {}, tmp_path)
