@@ -30,7 +30,7 @@ from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import eval as eval_lib
 from jaxllm import loop
 from jaxllm import config as config_lib
-from jaxllm import models, optim, sharding, step as step_lib
+from jaxllm import models, optim, pretrained, sharding, step as step_lib
 from jaxllm.config import ConfigError
 from jaxllm.data import mathqa
 from jaxllm.metrics import MetricsWriter, read_metrics
@@ -54,19 +54,24 @@ def build(config):
 
 
 def initial_params(config, init_from: str | pathlib.Path):
-    """The params of checkpoint `init_from` (any stage's), checked against the configured model (float32).
+    """The params of checkpoint `init_from` (any stage's), or of an imported model (`hf:PATH_OR_REPO`,
+    `gguf:FILE`: jaxllm/pretrained.py), checked against the configured model (float32).
 
     LoRA adapters in it are merged; with `finetune.lora.rank > 0` fresh adapters are added on top.
     """
-    folder, step = checkpoint_lib.locate(init_from)
-    checkpointer = checkpoint_lib.Checkpointer(folder, read_only=True)
-    try:
-        checkpointer.check_compatible(step, config.model)
-        checkpoint_lib.check_moe_compatible(checkpointer, step, config)
-        params = checkpointer.restore_params(step)
-    finally:
-        checkpointer.close()
-    params = lora_lib.merge(params, config.finetune.lora.alpha)
+    if pretrained.is_external(init_from):  # hf:PATH or gguf:FILE; train.main adopted its model section
+        folder, step = init_from, "import"
+        params = pretrained.load_params(init_from)
+    else:
+        folder, step = checkpoint_lib.locate(init_from)
+        checkpointer = checkpoint_lib.Checkpointer(folder, read_only=True)
+        try:
+            checkpointer.check_compatible(step, config.model)
+            checkpoint_lib.check_moe_compatible(checkpointer, step, config)
+            params = checkpointer.restore_params(step)
+        finally:
+            checkpointer.close()
+        params = lora_lib.merge(params, config.finetune.lora.alpha)
     expected = models.abstract_params(config.model, config.moe)
     mismatched = [f"{jax.tree_util.keystr(path)} {getattr(leaf, 'shape', None)}"
                   for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]

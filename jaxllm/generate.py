@@ -1,4 +1,4 @@
-"""Sampling with a KV cache: `python -m jaxllm.generate --workdir DIR --prompt TEXT [--max_new_tokens N ...]`.
+"""Sampling with a KV cache: `python -m jaxllm.generate --workdir DIR | --init_from hf:PATH --prompt TEXT [...]`.
 
 Decoding runs the training model itself (`models.build(config)`: llama or gpt2, dense or mixture of
 experts) in its cache mode (models/llama.py): `model.apply(..., cache=..., position=p)` processes T new
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
-from jaxllm import hugepages, models
+from jaxllm import hugepages, models, pretrained
 from jaxllm.config import ConfigError
 from jaxllm.models import lora as lora_lib
 from jaxllm.tokenizer import TokenizerError, get_tokenizer
@@ -94,7 +94,9 @@ def load_params(run_dir: pathlib.Path, config):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxllm.generate", description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="a jaxllm run folder (its newest checkpoint)")
+    source.add_argument("--init_from", help="an imported model instead: hf:FOLDER_OR_REPO_ID or gguf:FILE")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -102,11 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        run_dir = stage_dir(pathlib.Path(args.workdir))
-        config = config_lib.from_json((run_dir / "config.json").read_text())
+        if args.init_from:
+            if not pretrained.is_external(args.init_from):
+                raise ConfigError(f"--init_from {args.init_from} is not hf:FOLDER_OR_REPO_ID or gguf:FILE; "
+                                  f"use --workdir for a jaxllm run")
+            config = pretrained.adopt(config_lib.default_config(), args.init_from)
+            params = pretrained.load_params(args.init_from)
+        else:
+            run_dir = stage_dir(pathlib.Path(args.workdir))
+            config = config_lib.from_json((run_dir / "config.json").read_text())
+            params, _ = load_params(run_dir, config)
         tokenizer = get_tokenizer(config.data.tokenizer, config.data.tokenizer_path)
-        params, _ = load_params(run_dir, config)
-        prompt = tokenizer.encode(args.prompt)
+        bos = getattr(tokenizer, "bos_id", None)  # a model trained with a BOS (Llama 3) expects one first
+        prompt = ([bos] if bos is not None else []) + tokenizer.encode(args.prompt)
         out = generate(models.build(config), params, [prompt], max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, seed=args.seed, vocab=tokenizer.n_vocab)
     except (OSError, TokenizerError, checkpoint_lib.CheckpointError, ValueError) as error:

@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
-from jaxllm import hardware, hugepages
+from jaxllm import hardware, hugepages, pretrained
 from jaxllm import finetune as finetune_lib
 from jaxllm import loop
 from jaxllm import models, optim, sharding, step as step_lib
@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     try:
         config = config_lib.load_config(args.config, overrides)
+        if pretrained.is_external(config.finetune.init_from):  # hf:/gguf: the imported model's shape and tokenizer
+            config = config_lib.validate(pretrained.adopt(config, config.finetune.init_from))
         if args.dry_run:
             print(json.dumps(describe(config)))
             return 0
