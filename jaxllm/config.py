@@ -24,7 +24,7 @@ REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("auto", "cudnn", "xla", "jaxllm")  # jaxllm/models/attention.py: attention_impl
 RESIDUAL_DTYPES = ("float32", "compute")
 DATA_SOURCES = ("synthetic", "hub", "local")
-TOKENIZERS = ("gpt2", "byte")
+TOKENIZERS = ("gpt2", "byte", "hf")
 OPTIMIZERS = ("adamw", "lion", "sgd")
 SCHEDULES = ("cos", "linear", "cosine", "wsd", "constant")
 MOE_MODES = ("dropless", "capacity")
@@ -90,8 +90,10 @@ def default_config() -> ml_collections.ConfigDict:
     d.split_seed = 2357
     d.max_documents = 0  # use only the first N training documents; 0 = all
     d.synthetic_documents = 20000  # size of the built-in synthetic corpus (train + validation)
-    d.tokenizer = "gpt2"  # gpt2 (tiktoken BPE, 50257 ids) or byte (256 bytes + EOT, for fast tests)
-    d.tokenizer_path = ""  # a local gpt2.tiktoken file; also JAXLLM_GPT2_TIKTOKEN
+    # gpt2 (tiktoken BPE, 50257 ids), byte (256 bytes + EOT, for fast tests) or hf (a Hugging Face tokenizer.json,
+    # e.g. an imported model's; its EOS is the end-of-text, its BOS goes first at generation)
+    d.tokenizer = "gpt2"
+    d.tokenizer_path = ""  # gpt2: a local gpt2.tiktoken (also JAXLLM_GPT2_TIKTOKEN); hf: the folder or tokenizer.json
     d.cache_dir = ""  # where prepared token memmaps live; "" = $JAXLLM_CACHE or ~/.cache/jaxllm
     d.num_proc = 2  # tokenizer processes in prepare
     d.seed = 1337  # the order of training windows is a pure function of (data.seed, step)

@@ -53,11 +53,10 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: over a file size
 
 def fingerprint(data_cfg, tokenizer) -> dict:
     """Everything that decides the prepared token files."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "source": source_fingerprint(data_cfg),
-        "tokenizer": {"name": tokenizer.name, "n_vocab": tokenizer.n_vocab, "eot_id": tokenizer.eot_id},
-    }
+    tok = {"name": tokenizer.name, "n_vocab": tokenizer.n_vocab, "eot_id": tokenizer.eot_id}
+    if getattr(tokenizer, "digest", None):  # hf: which tokenizer.json (gpt2/byte keep their old keys)
+        tok["digest"] = tokenizer.digest
+    return {"format_version": FORMAT_VERSION, "source": source_fingerprint(data_cfg), "tokenizer": tok}
 
 
 def prepared_dir(data_cfg, tokenizer, cache_dir: str | None = None) -> pathlib.Path:
