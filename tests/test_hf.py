@@ -28,8 +28,9 @@ SHAPES = {  # the variants the issue names: MHA, GQA with 1 and 2 KV heads, tied
 
 def hf_model(seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
-                                      num_attention_heads=4, initializer_range=0.2, **overrides)
+    shape = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+                 initializer_range=0.2)
+    config = transformers.LlamaConfig(**{**shape, **overrides})
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # norms away from 1, so a swapped norm weight shows
         for name, param in model.named_parameters():
@@ -168,3 +169,33 @@ def test_gpt2_and_moe_runs_are_refused_for_export(tmp_path):
     config.model.name, config.moe.n_experts = "llama", 4
     with pytest.raises(hf.HFError, match="mixture-of-experts"):
         hf.save_pretrained(config, {}, tmp_path)
+
+
+def test_finetune_from_hf_trains_and_exports_again(tmp_path, monkeypatch):
+    """finetune.init_from=hf:DIR fine-tunes an imported model on the synthetic MathQA (its shape comes from
+    config.json, whatever configs/tiny.py says), and `jaxllm.export` hands it back to transformers with the
+    fine-tuned weights' logits."""
+    from jaxllm import export as export_lib
+    from jaxllm import train as train_lib
+
+    monkeypatch.setenv("JAXLLM_CACHE", str(tmp_path / "cache"))
+    model = hf_model(**dict(SHAPES["gqa2_llama3"], vocab_size=320))  # no tokenizer.json: the byte tokenizer stays
+    model.save_pretrained(tmp_path / "in")
+    rc = train_lib.main(["--config", "configs/tiny.py", "--workdir", str(tmp_path / "run"), "--config.stages=finetune",
+                         f"--config.finetune.init_from=hf:{tmp_path / 'in'}", "--config.finetune.train.steps=3",
+                         "--config.finetune.train.batch_size=4", "--config.finetune.train.eval_every=3",
+                         "--config.finetune.train.checkpoint_every=3", "--config.finetune.train.progress=false",
+                         "--config.finetune.train.num_devices=1", "--config.mathqa.synthetic_problems=40",
+                         "--config.mathqa.eval_questions=4", "--config.mathqa.eval_shots=0",
+                         "--config.mathqa.max_length=96", "--config.mathqa.eval_batch_size=20",
+                         "--config.train.num_devices=1"])
+    assert rc == 0
+    saved = json.loads((tmp_path / "run" / "finetune" / "config.json").read_text())
+    assert (saved["model"]["n_kv_head"], saved["model"]["rope_scaling"], saved["model"]["n_embd"]) == (2, "llama3", 32)
+    assert export_lib.main(["--workdir", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "out")]) == 0
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    config, params = hf.load_pretrained(str(tmp_path / "out"))
+    assert not np.array_equal(params["blocks_0"]["mlp"]["w1"]["kernel"],
+                              hf.load_pretrained(str(tmp_path / "in"))[1]["blocks_0"]["mlp"]["w1"]["kernel"])
+    tokens_BxL = TOKENS_BxL % 257
+    np.testing.assert_allclose(hf_logits(exported, tokens_BxL), jax_logits(config, params, tokens_BxL), atol=1e-4, rtol=0)
