@@ -1,11 +1,13 @@
 """GGUF (llama.cpp's model file) in and out for jaxllm llama models: `write_gguf`, `read_gguf`,
-`save_hf_tokenizer`.
+`model_config`, `tokenizer_folder`.
 
 `write_gguf(model_cfg, params, path, tokenizer_files=..., quant=...)` writes a "llama"-architecture GGUF
 that llama.cpp (and llama-cpp-python, Ollama, LM Studio) runs with the same logits as
 `models.build_model(model_cfg).apply({"params": params}, tokens_BxL)`; `read_gguf(path)` reads one back
 (any llama GGUF whose tensors the `gguf` package can dequantize: F32, F16, BF16, Q4_0 ... Q8_0, the K-quants)
-as the jaxllm `model` fields and a float32 param tree, for `init_from=gguf:FILE`.
+as the jaxllm `model` fields and a float32 param tree, for `init_from=gguf:FILE`; `model_config(path)` is
+that model section from the header alone, and `tokenizer_folder(path)` the GGUF's tokenizer as a cached
+Hugging Face tokenizer folder (`save_hf_tokenizer` writes one anywhere).
 
 Conventions, as llama.cpp's convert_hf_to_gguf.py (`LlamaModel`) writes them:
 - tensors are named by `gguf.TENSOR_NAMES` (token_embd, blk.N.attn_q, ..., output_norm, output) and stored
@@ -61,6 +63,17 @@ LLAMA_CPP_ORIGINAL_MAX_LEN = 8192
 # Llama 3's pre-tokenizer regex (the Split in its tokenizer.json), llama.cpp's "llama-bpe".
 _LLAMA3_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
                  "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+
+
+# The tokenizer.json pre_tokenizer of each llama.cpp pre-tokenizer name written here (see `_pre_tokenizer`).
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+_HF_PRE_TOKENIZERS = {
+    "gpt-2": _BYTE_LEVEL,
+    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]},
+    "llama-bpe": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": _LLAMA3_REGEX}, "behavior": "Isolated", "invert": False},
+        {**_BYTE_LEVEL, "use_regex": False}]},
+}
 
 
 class GGUFError(ConfigError):
@@ -404,22 +417,13 @@ def _dequantized(tensor) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(values, dtype=np.float32).reshape(shape))
 
 
-def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the jaxllm `model` fields, float32 numpy params) of a llama-architecture GGUF; quantized tensors
-    are dequantized with `gguf.quants.dequantize`.
-
-    The fields are name, n_layer, n_embd, n_head, n_kv_head, head_dim (0 when n_embd / n_head),
-    mlp_hidden, vocab_size, norm_eps, rope_theta, tie_embeddings (no output.weight), sequence_length
-    (the GGUF's context_length) and, with a rope_freqs tensor, rope_scaling="llama3" and its four fields;
-    the caller sets them on a config. GGUFError for another architecture, a mixture of experts, biases,
-    missing tensors or a tensor type that cannot be dequantized.
-    """
-    reader = _reader(path)
+def _model_fields(reader, path) -> dict[str, Any]:
+    """The jaxllm `model` fields of an open GGUF, from its header and tensor shapes (no weights read)."""
     meta = metadata(reader)
     arch = meta.get("general.architecture")
     if arch != ARCH:
         raise GGUFError(f"{path} holds a '{arch}' model; jaxllm reads llama-architecture GGUFs only")
-    tensors = {t.name: t for t in reader.tensors}
+    infos = {t.name: t for t in reader.tensors}
     n = _names()
 
     def key(name, default=None):
@@ -428,10 +432,66 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
             raise GGUFError(f"{path} has no {ARCH}.{name} in its header; it is not a complete llama GGUF")
         return value
 
-    n_layer, d, h = int(key("block_count")), int(key("embedding_length")), int(key("attention.head_count"))
-    g = int(key("attention.head_count_kv", h))
+    def shape(name) -> tuple[int, ...]:  # numpy order: [out, in]
+        if name not in infos:
+            raise GGUFError(f"{path} has no tensor {name}; it is not a complete llama GGUF")
+        return tuple(int(s) for s in reversed(infos[name].shape))
+
     if key("expert_count", 0):
         raise GGUFError(f"{path} is a mixture-of-experts llama; jaxllm reads dense llama GGUFs only")
+    scaling = meta.get(f"{ARCH}.rope.scaling.type", "none")
+    if scaling not in ("none", ""):
+        raise GGUFError(f"{path} uses rope scaling '{scaling}'; jaxllm runs the default rope and llama3 scaling only")
+    d, h = int(key("embedding_length")), int(key("attention.head_count"))
+    head = int(key("attention.key_length", 0) or shape(n["q"].format(bid=0))[0] // h)
+    if int(key("rope.dimension_count", head)) != head:
+        raise GGUFError(f"{path} rotates {key('rope.dimension_count')} of each head's {head} dims; jaxllm's "
+                        f"rope rotates whole heads")
+    theta = _float(key("rope.freq_base", 10000.0))
+    fields: dict[str, Any] = {
+        "name": "llama", "n_layer": int(key("block_count")), "n_embd": d, "n_head": h,
+        "n_kv_head": int(key("attention.head_count_kv", h)), "head_dim": 0 if head * h == d else head,
+        "mlp_hidden": int(key("feed_forward_length")), "vocab_size": shape(n["embed"])[0],
+        "norm_eps": _float(key("attention.layer_norm_rms_epsilon", 1e-5)), "rope_theta": theta,
+        "tie_embeddings": n["output"] not in infos, "sequence_length": int(key("context_length", 2048)),
+        "rope_scaling": "none"}
+    if n["rope_freqs"] in infos:
+        fields.update(_rope_fields(meta, _dequantized(infos[n["rope_freqs"]]), head, theta))
+    return fields
+
+
+def model_fields(path: str | os.PathLike) -> dict[str, Any]:
+    """The jaxllm `model` fields of a llama GGUF (see `read_gguf`), from its header alone: no weights read."""
+    return _model_fields(_reader(path), path)
+
+
+def model_config(path: str | os.PathLike):
+    """The jaxllm `model` config section of a llama GGUF: `config.default_config().model` with
+    `model_fields(path)` set (how to run it, dtype, remat, attention, stays default)."""
+    from jaxllm import config as config_lib
+
+    m = config_lib.default_config().model
+    for field, value in model_fields(path).items():
+        m[field] = value
+    return m
+
+
+def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the jaxllm `model` fields, float32 numpy params) of a llama-architecture GGUF; quantized tensors
+    are dequantized with `gguf.quants.dequantize`.
+
+    The fields are name, n_layer, n_embd, n_head, n_kv_head, head_dim (0 when n_embd / n_head),
+    mlp_hidden, vocab_size, norm_eps, rope_theta, tie_embeddings (no output.weight), sequence_length
+    (the GGUF's context_length, e.g. 8192 for SmolLM2: lower it to train) and rope_scaling ("none", or
+    "llama3" with its four fields when there is a rope_freqs tensor); the caller sets them on a config.
+    GGUFError for another architecture, a mixture of experts, partial or other rope, biases, missing
+    tensors or a tensor type the gguf package cannot dequantize.
+    """
+    reader = _reader(path)
+    m = _model_fields(reader, path)
+    tensors = {t.name: t for t in reader.tensors}
+    tensors.pop(_names()["rope_freqs"], None)  # read into the rope fields
+    n = _names()
 
     def take(name, shape):
         if name not in tensors:
@@ -441,13 +501,10 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
             raise GGUFError(f"tensor {name} in {path} has shape {w.shape}, its header implies {tuple(shape)}")
         return w
 
-    embed = take(n["embed"], (int(meta.get(f"{ARCH}.vocab_size", tensors[n["embed"]].shape[1])), d))
-    v = embed.shape[0]
-    q0 = tensors.get(n["q"].format(bid=0))
-    head = int(key("rope.dimension_count", 0) or (q0.shape[1] // h if q0 is not None else d // h))
-    f = int(key("feed_forward_length"))
-    params: dict[str, Any] = {"embed": {"embedding": embed}}
-    for i in range(n_layer):
+    d, f, v, h, g = m["n_embd"], m["mlp_hidden"], m["vocab_size"], m["n_head"], m["n_kv_head"]
+    head = m["head_dim"] or d // h
+    params: dict[str, Any] = {"embed": {"embedding": take(n["embed"], (v, d))}}
+    for i in range(m["n_layer"]):
         fmt = lambda k: n[k].format(bid=i)  # noqa: E731,B023
         params[f"blocks_{i}"] = {
             "attn_norm": {"scale": take(fmt("attn_norm"), (d,))},
@@ -461,23 +518,13 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
                     "w2": {"kernel": take(fmt("w2"), (d, f)).T}},
         }
     params["norm_f"] = {"scale": take(n["norm_f"], (d,))}
-    tied = n["output"] not in tensors
-    if not tied:
+    if not m["tie_embeddings"]:
         params["lm_head"] = {"kernel": take(n["output"], (v, d)).T}
-    theta = _float(key("rope.freq_base", 10000.0))
-    fields: dict[str, Any] = {
-        "name": "llama", "n_layer": n_layer, "n_embd": d, "n_head": h, "n_kv_head": g,
-        "head_dim": 0 if head * h == d else head, "mlp_hidden": f, "vocab_size": v,
-        "norm_eps": _float(key("attention.layer_norm_rms_epsilon", 1e-5)), "rope_theta": theta,
-        "tie_embeddings": tied, "sequence_length": int(key("context_length", 2048)), "rope_scaling": "none"}
-    if n["rope_freqs"] in tensors:
-        factors = _dequantized(tensors.pop(n["rope_freqs"]))
-        fields.update(_rope_fields(meta, factors, head, theta))
     if tensors:
         extra = sorted(tensors)
         raise GGUFError(f"{path} has tensors jaxllm's llama has no place for ({', '.join(extra[:3])}"
                         f"{', ...' if len(extra) > 3 else ''}); it is not a plain llama (biases? experts?)")
-    return fields, _contiguous(params)
+    return m, _contiguous(params)
 
 
 def _contiguous(tree):
@@ -486,19 +533,24 @@ def _contiguous(tree):
     return np.ascontiguousarray(tree, dtype=np.float32)
 
 
+# -------------------------------------------------------------------------------- tokenizer, the way back
+
+
 def save_hf_tokenizer(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:
     """Write the tokenizer of a GGUF as a Hugging Face tokenizer folder (tokenizer.json,
     tokenizer_config.json, chat_template.jinja when it has one) in `out_dir`; returns the folder.
 
     transformers builds it offline from the GGUF header (`AutoTokenizer.from_pretrained(folder,
-    gguf_file=name)`). Its GGUF converter knows a plain ByteLevel pre-tokenizer only, so a "smollm" or
-    "llama-bpe" GGUF comes back with GPT-2's split: the same tokens for most text, not for every digit run.
+    gguf_file=name)`). Its GGUF converter gives every byte-level BPE GPT-2's pre-tokenizer, so for a
+    tokenizer.ggml.pre of "smollm" (digits split one by one) or "llama-bpe" (Llama 3's regex) the
+    tokenizer.json's pre_tokenizer is then set to that one, as the original Hugging Face tokenizer has it.
     """
     path = pathlib.Path(gguf_path)
     reader = _reader(path)
     if "tokenizer.ggml.tokens" not in reader.fields:
         raise GGUFError(f"{path} has no tokenizer (it was written weights-only); take the tokenizer from "
                         f"where the model came from")
+    pre = reader.fields["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in reader.fields else None
     del reader
     from transformers import AutoTokenizer
 
@@ -509,4 +561,38 @@ def save_hf_tokenizer(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) 
                         f"{str(error).splitlines()[0][:200] if str(error) else ''})") from None
     out = pathlib.Path(out_dir)
     tokenizer.save_pretrained(str(out))
+    file = out / "tokenizer.json"
+    if pre in _HF_PRE_TOKENIZERS and file.is_file():
+        spec = json.loads(file.read_text(encoding="utf-8"))
+        if _pre_tokenizer(spec.get("pre_tokenizer")) != pre:
+            spec["pre_tokenizer"] = _HF_PRE_TOKENIZERS[pre]
+            file.write_text(json.dumps(spec, ensure_ascii=False, indent=2), encoding="utf-8")
     return out
+
+
+def tokenizer_folder(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """A Hugging Face tokenizer folder of the GGUF's tokenizer (`save_hf_tokenizer`), written once into a
+    cache (`cache_dir`, default $XDG_CACHE_HOME/jaxllm/gguf-tokenizers, else ~/.cache/...) under a name
+    from the file's path, size and modification time, so a GGUF in a read-only place works and a changed
+    file gets a fresh folder."""
+    import hashlib
+
+    path = pathlib.Path(gguf_path).resolve()
+    if not path.is_file():
+        raise GGUFError(f"the GGUF file {path} does not exist")
+    stat = path.stat()
+    digest = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = pathlib.Path(cache_dir) if cache_dir is not None else (
+        pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "jaxllm" / "gguf-tokenizers")
+    folder = root / f"{path.stem}-{digest}"
+    if (folder / "tokenizer.json").is_file():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        save_hf_tokenizer(path, pathlib.Path(tmp) / "out")
+        try:
+            os.replace(pathlib.Path(tmp) / "out", folder)  # atomic: a concurrent run finds all or nothing
+        except OSError:
+            if not (folder / "tokenizer.json").is_file():
+                raise
+    return folder

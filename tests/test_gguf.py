@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 gguf = pytest.importorskip("gguf")
-llama_cpp = pytest.importorskip("llama_cpp")
 
 from jaxllm import config as config_lib  # noqa: E402
 from jaxllm import gguf_io, hf, models  # noqa: E402
@@ -70,6 +69,8 @@ def logits(module, params, tokens):
 
 
 def llama_cpp_logits(path, tokens):
+    """llama.cpp's logits [T, V] for `tokens` (and the Llama); the test skips without llama-cpp-python."""
+    llama_cpp = pytest.importorskip("llama_cpp")
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, verbose=False, **F32_KV)
     llm.eval(list(tokens))
     return np.asarray(llm.scores[: len(tokens)], dtype=np.float32), llm
@@ -260,13 +261,21 @@ def test_read_smollm2_q4_1_and_run_it():
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
 
 
-def test_save_hf_tokenizer_round_trip(tmp_path, tokenizer_dir):
-    """The GGUF's tokenizer comes back as a Hugging Face tokenizer that encodes like the original."""
+def test_tokenizer_folder_round_trip(tmp_path, tokenizer_dir):
+    """The GGUF's tokenizer comes back (once, then from the cache) as a Hugging Face tokenizer that encodes
+    like the original; model_config reads the model section without the weights."""
     from tokenizers import Tokenizer
 
-    m, params, _ = tiny()
+    m, params, _ = tiny(n_kv_head=2)
     path = gguf_io.write_gguf(m, params, tmp_path / "m.gguf", tokenizer_files=tokenizer_dir, quant="f16")
-    out = gguf_io.save_hf_tokenizer(path, tmp_path / "hf")
+    imported = gguf_io.model_config(path)
+    assert {k: imported[k] for k in ("n_layer", "n_embd", "n_head", "n_kv_head", "mlp_hidden", "vocab_size")} == \
+        {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_kv_head": 2, "mlp_hidden": 80, "vocab_size": VOCAB}
+    out = gguf_io.tokenizer_folder(path, cache_dir=tmp_path / "cache")
+    stamp = (out / "tokenizer.json").stat().st_mtime_ns
+    assert gguf_io.tokenizer_folder(path, cache_dir=tmp_path / "cache") == out
+    assert (out / "tokenizer.json").stat().st_mtime_ns == stamp
+    assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] == "<|endoftext|>"
     original = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     back = Tokenizer.from_file(str(out / "tokenizer.json"))
     for text in ("hello world, the lazy dog 123!", "the quick brown fox"):
@@ -297,7 +306,7 @@ def test_errors_are_one_sentence(tmp_path, tokenizer_dir):
     for arch, dtype, match in (("gpt2", np.float32, "'gpt2' model"), ("llama", np.int8, "stored as I8")):
         writer = gguf.GGUFWriter(str(tmp_path / f"{arch}.gguf"), arch=arch)
         for key, value in (("block_count", 0), ("embedding_length", 4), ("attention.head_count", 1),
-                           ("feed_forward_length", 4), ("vocab_size", 8)):
+                           ("feed_forward_length", 4), ("vocab_size", 8), ("attention.key_length", 4)):
             writer.add_uint32(f"{arch}.{key}", value)
         writer.add_tensor("token_embd.weight", np.ones((8, 4), dtype))
         writer.write_header_to_file()
@@ -306,3 +315,19 @@ def test_errors_are_one_sentence(tmp_path, tokenizer_dir):
         writer.close()
         with pytest.raises(gguf_io.GGUFError, match=match):
             gguf_io.read_gguf(tmp_path / f"{arch}.gguf")
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_folder_tokenizes_like_llama_cpp(tmp_path):
+    """SmolLM2's GGUF tokenizer (tokenizer.ggml.pre = smollm) comes back with its digit-by-digit
+    pre-tokenizer, and encodes text as llama.cpp does. ~15 s (transformers reads 49k tokens)."""
+    from tokenizers import Tokenizer
+
+    path = _smollm2_gguf()
+    folder = gguf_io.tokenizer_folder(path, cache_dir=tmp_path)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    assert [p["type"] for p in spec["pre_tokenizer"]["pretokenizers"]] == ["Digits", "ByteLevel"]
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+    text = "Hello world 2024, x=12345! The answer is 42.\n  Indented  text"
+    assert Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids == llm.tokenize(text.encode(), add_bos=False)
