@@ -90,16 +90,15 @@ def _gguf():
 
 
 def _names() -> dict[str, str]:
-    """GGUF tensor-name templates of the llama architecture, from gguf's own tables."""
+    """jaxllm param name -> GGUF tensor name ("blk.{bid}." templates for blocks), from gguf's own tables
+    of the llama architecture."""
     gguf = _gguf()
     t = gguf.MODEL_TENSOR
-    names = {key: gguf.TENSOR_NAMES[value] for key, value in {
-        "embed": t.TOKEN_EMBD, "norm_f": t.OUTPUT_NORM, "output": t.OUTPUT, "rope_freqs": t.ROPE_FREQS,
-        "attn_norm": t.ATTN_NORM, "q": t.ATTN_Q, "k": t.ATTN_K, "v": t.ATTN_V, "o": t.ATTN_OUT,
-        "mlp_norm": t.FFN_NORM, "w1": t.FFN_GATE, "w3": t.FFN_UP, "w2": t.FFN_DOWN}.items()}
-    assert all(gguf.MODEL_TENSOR(v) in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.LLAMA]
-               for v in (t.TOKEN_EMBD, t.ATTN_Q, t.FFN_GATE, t.ROPE_FREQS))
-    return {k: v + ".weight" for k, v in names.items()}
+    kinds = {"embed": t.TOKEN_EMBD, "norm_f": t.OUTPUT_NORM, "output": t.OUTPUT, "rope_freqs": t.ROPE_FREQS,
+             "attn_norm": t.ATTN_NORM, "q": t.ATTN_Q, "k": t.ATTN_K, "v": t.ATTN_V, "o": t.ATTN_OUT,
+             "mlp_norm": t.FFN_NORM, "w1": t.FFN_GATE, "w3": t.FFN_UP, "w2": t.FFN_DOWN}
+    assert set(kinds.values()) <= set(gguf.MODEL_TENSORS[gguf.MODEL_ARCH.LLAMA])
+    return {key: gguf.TENSOR_NAMES[kind] + ".weight" for key, kind in kinds.items()}
 
 
 def rope_freq_factors(model_cfg) -> np.ndarray | None:
