@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from jaxllm.config import ConfigError
+from jaxllm import tokenizer as tokenizer_lib
 
 QUANTS = ("f32", "f16", "q8_0")
 ARCH = "llama"
@@ -74,6 +75,9 @@ _HF_PRE_TOKENIZERS = {
         {"type": "Split", "pattern": {"Regex": _LLAMA3_REGEX}, "behavior": "Isolated", "invert": False},
         {**_BYTE_LEVEL, "use_regex": False}]},
 }
+
+
+NO_MERGE = "<jaxllm:no-merges>"  # a symbol no text pre-tokenises to: see _add_tokenizer
 
 
 class GGUFError(ConfigError):
@@ -261,11 +265,11 @@ def tokenizer_vocab(folder: pathlib.Path, vocab_size: int) -> tuple[list[str], l
             types.append(gguf.TokenType.NORMAL)
         tokens.append(token)
     pre = _pre_tokenizer(spec.get("pre_tokenizer"))
-    if pre is None:
+    if pre is None and spec["model"].get("merges"):  # without merges the split cannot change the tokens
         warnings.warn(f"{file}'s pre-tokenizer matches none llama.cpp knows by name (gpt-2, smollm, llama-bpe); "
                       f"writing tokenizer.ggml.pre='default', so llama.cpp may split text differently from "
                       f"Hugging Face", stacklevel=3)
-        pre = "default"
+    pre = pre or "default"
     return tokens, types, pre
 
 
@@ -279,7 +283,10 @@ def _add_tokenizer(writer, tokenizer_files, vocab_size: int) -> None:
         writer.add_token_types(types)
         special = gguf.SpecialVocab(folder, load_merges=True)
         if not special.merges:
-            raise GGUFError(f"{folder / 'tokenizer.json'} has no BPE merges; llama.cpp cannot tokenize without them")
+            # A merge-free BPE (jaxllm's byte tokenizer: every byte its own token). llama.cpp refuses a file
+            # without a merges key and gguf writes no empty arrays, so one merge of two symbols that never
+            # occur (pre-tokenised text only holds byte characters and their merges) is written instead.
+            special.merges = [f"{NO_MERGE} {NO_MERGE}"]
         special.add_to_gguf(writer, quiet=True)
 
 
@@ -571,7 +578,7 @@ def save_hf_tokenizer(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) 
 
 def tokenizer_folder(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """A Hugging Face tokenizer folder of the GGUF's tokenizer (`save_hf_tokenizer`), written once into a
-    cache (`cache_dir`, default $XDG_CACHE_HOME/jaxllm/gguf-tokenizers, else ~/.cache/...) under a name
+    cache (`cache_dir`, default jaxllm's cache folder, $JAXLLM_CACHE or ~/.cache/jaxllm, /gguf-tokenizers) under a name
     from the file's path, size and modification time, so a GGUF in a read-only place works and a changed
     file gets a fresh folder."""
     import hashlib
@@ -581,8 +588,7 @@ def tokenizer_folder(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike 
         raise GGUFError(f"the GGUF file {path} does not exist")
     stat = path.stat()
     digest = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    root = pathlib.Path(cache_dir) if cache_dir is not None else (
-        pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "jaxllm" / "gguf-tokenizers")
+    root = pathlib.Path(cache_dir) if cache_dir is not None else tokenizer_lib.cache_dir() / "gguf-tokenizers"
     folder = root / f"{path.stem}-{digest}"
     if (folder / "tokenizer.json").is_file():
         return folder

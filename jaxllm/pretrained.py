@@ -46,7 +46,11 @@ def imported(source: str) -> tuple[ml_collections.ConfigDict, str, str]:
         return model, ("hf" if has_tokenizer else ""), (str(folder.resolve()) if has_tokenizer else "")
     from jaxllm import gguf_io
 
-    return gguf_io.model_config(where), "hf", str(gguf_io.tokenizer_folder(where))
+    try:
+        folder = str(gguf_io.tokenizer_folder(where))
+    except gguf_io.GGUFError:  # a weights-only GGUF: the configured tokenizer stays
+        return gguf_io.model_config(where), "", ""
+    return gguf_io.model_config(where), "hf", folder
 
 
 def adopt(config: ml_collections.ConfigDict, source: str) -> ml_collections.ConfigDict:

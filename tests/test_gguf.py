@@ -331,3 +331,22 @@ def test_smollm2_tokenizer_folder_tokenizes_like_llama_cpp(tmp_path):
     llm = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
     text = "Hello world 2024, x=12345! The answer is 42.\n  Indented  text"
     assert Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids == llm.tokenize(text.encode(), add_bos=False)
+
+
+def test_byte_tokenizer_runs_in_llama_cpp(tmp_path):
+    """jaxllm's byte tokenizer (no merges) in a GGUF: llama.cpp splits text into exactly its bytes and gives
+    jaxllm's logits."""
+    from jaxllm import tokenizer as tokenizer_lib
+
+    cfg = config_lib.default_config().model
+    cfg.update(n_layer=2, n_embd=64, n_head=4, vocab_size=320, sequence_length=128, init_std=0.2)
+    params = models.build_model(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    tokenizer = tokenizer_lib.get_tokenizer("byte")
+    tokenizer_lib.save_hf_tokenizer(tokenizer, tmp_path)
+    gguf_io.write_gguf(cfg, params, tmp_path / "m.gguf", tokenizer_files=tmp_path, quant="f32")
+    ids = tokenizer.encode("The quick brown fox")
+    got, llm = llama_cpp_logits(tmp_path / "m.gguf", ids)
+    for text in ["hello world", "naïve 😀 x\n\n  12345", "<|endoftext|> a"]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text)
+    want = np.asarray(models.build_model(cfg).apply({"params": params}, jnp.asarray([ids])))[0]
+    np.testing.assert_allclose(got[:, :320], want, atol=1e-3)

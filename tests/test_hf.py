@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -199,3 +201,12 @@ def test_finetune_from_hf_trains_and_exports_again(tmp_path, monkeypatch):
                               hf.load_pretrained(str(tmp_path / "in"))[1]["blocks_0"]["mlp"]["w1"]["kernel"])
     tokens_BxL = TOKENS_BxL % 257
     np.testing.assert_allclose(hf_logits(exported, tokens_BxL), jax_logits(config, params, tokens_BxL), atol=1e-4, rtol=0)
+    # the same run as one GGUF file (the byte tokenizer inside): llama.cpp's reader gives back the same weights
+    from jaxllm import gguf_io
+
+    assert export_lib.main(["--workdir", str(tmp_path / "run"), "--format", "gguf", "--quant", "f32",
+                            "--out", str(tmp_path / "model.gguf")]) == 0
+    fields, gguf_params = gguf_io.read_gguf(tmp_path / "model.gguf")
+    assert (fields["n_kv_head"], fields["rope_scaling"]) == (2, "llama3")
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        np.testing.assert_array_equal(leaf, functools.reduce(lambda tree, key: tree[key.key], path, gguf_params))
