@@ -139,8 +139,7 @@ def test_context_and_continuation_are_split_as_the_harness_splits_them():
     assert context_ids == words.encode("Answer:")
     assert conts == [words.encode("Answer: 12")[2:], words.encode("Answer:  x")[2:]]
     assert conts[0] == words.encode(" 12")  # the moved space joined the number
-    bos = dataclasses.make_dataclass("BosBytes", [("bos_id", int, 257)], bases=(ByteTokenizer,), frozen=True)()
-    context_ids, conts = lmeval.encode_pairs(bos, "Q:\nAnswer:", [" 3", " 40"])
+    context_ids, conts = lmeval.encode_pairs(bos_bytes(), "Q:\nAnswer:", [" 3", " 40"])
     assert context_ids == [257] + list(b"Q:\nAnswer:") and conts == [list(b" 3"), list(b" 40")]
     if importlib_has("lm_eval"):
         from types import SimpleNamespace
@@ -152,6 +151,11 @@ def test_context_and_continuation_are_split_as_the_harness_splits_them():
             theirs = TemplateLM._encode_pair(lm, context, continuation)
             ctx, (cont,) = lmeval.encode_pairs(words, context, [continuation])
             assert (ctx, cont) == tuple(theirs), (context, continuation)
+
+
+def bos_bytes():
+    """The byte tokenizer with a BOS id (257), like a Hugging Face tokenizer that adds one."""
+    return dataclasses.make_dataclass("BosBytes", [("bos_id", int, 257)], bases=(ByteTokenizer,), frozen=True)()
 
 
 def importlib_has(name: str) -> bool:
@@ -205,7 +209,7 @@ def tiny():
     c.model.vocab_size, c.model.init_std, c.model.sequence_length = 320, 0.1, 64
     model = models.build_model(c.model)
     params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    return model, params
+    return model, params, c
 
 
 def forward_logp(model, params, ids) -> np.ndarray:
@@ -225,8 +229,8 @@ def _forward(model, params, ids_1xL):
 def test_choice_loglikelihoods_equal_a_full_forward(tiny):
     """Both layouts (KV-cached llama, one row per option) give each " " + choice the summed log-probability
     a plain forward over context + choice gives, BOS first; and a cut context is cut as the harness cuts it."""
-    model, params = tiny
-    bos = dataclasses.make_dataclass("BosBytes", [("bos_id", int, 257)], bases=(ByteTokenizer,), frozen=True)()
+    model, params, _ = tiny
+    bos = bos_bytes()
     test_rows, train_rows = records(12, seed=3)[:6], records(40, seed=1)
     docs, contexts, context_ids, option_ids, _ = lmeval.mathqa_requests(bos, test_rows, train_rows, shots=1)
     mesh = sharding.make_mesh(1)
@@ -270,7 +274,7 @@ def test_rolling_windows_equal_the_harness_windows():
 def test_perplexity_equals_a_token_by_token_loop(tiny):
     """Each token's log-probability given exactly the tokens its window shows (one forward per token), summed;
     the metrics from those sums; one compilation per batch shape."""
-    model, params = tiny
+    model, params, _ = tiny
     tok, L = ByteTokenizer(), 16
     texts = ["", "short doc", "a longer document, with  spaces\nand a second line: naïve café"]
     mesh = sharding.make_mesh(1)
@@ -295,6 +299,69 @@ def test_perplexity_equals_a_token_by_token_loop(tiny):
     assert result["token_perplexity"] == pytest.approx(math.exp(-total / tokens), rel=1e-6)
     assert result["windows"] == 0 + 1 + 4  # 9 tokens: one window; 63 tokens: 16 x 3 + 15
     assert score._cache_size() == 1  # five windows, two batches, one shape [3, 16]
+
+
+def hf_byte_tokenizer(with_bos: bool):
+    """A transformers tokenizer that encodes text to its UTF-8 bytes (ids 0-255), end-of-text 256, and with
+    `with_bos` a BOS (257) it puts in front of every encoding, as Llama's tokenizers do."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, processors
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+    vocab.update({"<|endoftext|>": 256, "<s>": 257})
+    tok = Tokenizer(tok_models.BPE(vocab=vocab, merges=[]))  # no merges: one token per byte
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<s>"])
+    if with_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 257)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                                bos_token="<s>" if with_bos else None)
+
+
+@pytest.mark.slow  # ~25 s: torch, transformers and two HFLMs
+def test_loglikelihoods_equal_lm_eval_on_the_exported_model(tiny, tmp_path):
+    """End to end against the real thing: lm-eval's HFLM on the same model exported to transformers
+    (jaxllm/hf.py) gives every MathQA request (2 shots, with and without a BOS) and every rolling
+    perplexity document the log-likelihood jaxllm's scorers give."""
+    harness()
+    transformers = pytest.importorskip("transformers")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from jaxllm import hf
+
+    model, params, config = tiny
+    hf.save_pretrained(config, params, tmp_path / "model")
+    torch_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "model", dtype="float32")
+    mesh = sharding.make_mesh(1)
+    test_rows, train_rows = records(12, seed=3), records(40, seed=1)
+    task = harness_task(tmp_path, test_rows, train_rows, shots=2)
+    task.build_all_requests()
+    for with_bos, tokenizer in ((False, ByteTokenizer()), (True, bos_bytes())):
+        lm = HFLM(pretrained=torch_model, tokenizer=hf_byte_tokenizer(with_bos), batch_size=8, max_length=512,
+                  device="cpu")
+        theirs = {}
+        for inst, (ll, _) in zip(task.instances, lm.loglikelihood(task.instances, disable_tqdm=True)):
+            theirs.setdefault(inst.doc_id, []).append(ll)
+        _, _, context_ids, option_ids, _ = lmeval.mathqa_requests(tokenizer, test_rows, train_rows, shots=2)
+        assert (context_ids[0][0] == 257) == with_bos
+        for score in (eval_lib.make_cached_score_fn(model, mesh), eval_lib.make_score_fn(model, mesh)):
+            lls, _ = eval_lib.mc_loglikelihoods(score, params, context_ids, option_ids, max_length=512, batch_size=10,
+                                                pad_multiple=64, mesh=mesh)
+            for i in range(len(test_rows)):
+                np.testing.assert_allclose(lls[i], theirs[i], atol=1e-4, rtol=1e-5)
+    # perplexity: their rolling windows of 16 tokens, EOT-prefixed (this tokenizer has no BOS)
+    texts = ["", "short doc", "a longer document, with  spaces\nand a second line: naïve café " * 3]
+    lm = HFLM(pretrained=torch_model, tokenizer=hf_byte_tokenizer(False), batch_size=8, max_length=16, device="cpu")
+    requests = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0) for text in texts]
+    theirs = lm.loglikelihood_rolling(requests, disable_tqdm=True)
+    score = eval_lib.make_score_fn(model, mesh)
+    for text, ll in zip(texts, theirs):
+        ours = eval_lib.evaluate_perplexity(score, params, ByteTokenizer(), [text], max_length=16, batch_size=2,
+                                            pad_multiple=8, mesh=mesh)
+        assert ours["loglikelihood"] == pytest.approx(ll, abs=1e-3)
 
 
 def test_word_and_byte_counts():
