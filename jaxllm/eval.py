@@ -1,20 +1,25 @@
-"""MathQA multiple-choice accuracy, lm-eval-harness style: `python -m jaxllm.eval --workdir DIR [--shots K]`.
+"""MathQA multiple-choice accuracy and text perplexity: `python -m jaxllm.eval --workdir DIR [--task T] [--format F]`.
 
-Each question is scored five times: context = K solved train examples + the question's prompt
-(jaxllm/data/mathqa.py's template, ending in "Answer:"), continuation = one option's answer text
-(" c ) 30"). The score of an option is the sum of its continuation tokens' log-probabilities under the
-model; `acc` picks the highest, `acc_norm` the highest per character of the continuation. The K shots of
-question i are drawn from the shot pool (`mathqa.shot_pool`: the fine-tune train split) by a seeded
-function of (mathqa.seed, i), so every model, the fine-tune stage and this CLI all see the same prompts.
+`--format jaxllm` (default; what the fine-tune stage reports). Each question is scored five times: context
+= K solved train examples + the question's prompt (jaxllm/data/mathqa.py's template, ending in "Answer:"),
+continuation = one option's answer text (" c ) 30"). The score of an option is the sum of its continuation
+tokens' log-probabilities under the model; `acc` picks the highest, `acc_norm` the highest per character of
+the continuation. The K shots of question i are drawn from the shot pool (`mathqa.shot_pool`: the fine-tune
+train split) by a seeded function of (mathqa.seed, i), so every model, the fine-tune stage and this CLI all
+see the same prompts. Contexts are built to fit `mathqa.eval_max_length` tokens (0 = the training length):
+when K shots do not fit, whole shots are dropped, the farthest from the question first, never cut into a
+fragment. How many each question really got is reported (`shots_mean`, `shots_min`, `fewer_shots`). llama
+has no learned positions and can score contexts longer than it trained on; gpt2 cannot. Only a prompt too
+long on its own is still cut from the left (counted in `cut_prompts`).
 
-Contexts are built to fit `mathqa.eval_max_length` tokens (0 = the training length): when K shots do not
-fit, whole shots are dropped, the farthest from the question first, never cut into a fragment. How many
-each question really got is reported (`shots_mean`, `shots_min`, `fewer_shots`). llama has no learned
-positions and can score contexts longer than it trained on; gpt2 cannot. Only a prompt too long on its
-own is still cut from the left (counted in `cut_prompts`).
+`--format lm-eval`: lm-evaluation-harness's `mathqa` task (prompts, choices, shots, tokenization, acc,
+acc_norm and their stderr; jaxllm/lmeval.py says how), scored by the same scorers. `--task perplexity
+--data FILE`: the harness's rolling log-likelihood and its word_perplexity, byte_perplexity, bits_per_byte
+(plus token perplexity), always in the harness's definitions.
 
-Rows (question x option) are sorted by length and scored in jit-compiled batches whose length is rounded
-up to `mathqa.pad_multiple`, so there are few compilations and little padding.
+Rows are sorted by length and scored in jit-compiled batches whose length is rounded up to
+`mathqa.pad_multiple`, so there are few compilations and little padding; a llama scores each question's
+context once, in a KV cache shared by its options.
 """
 
 from __future__ import annotations

@@ -32,7 +32,10 @@ inputs, so every token is predicted exactly once and a window never looks into t
 last, which is filled back to max_length inputs. Metrics (`perplexity_metrics`): word_perplexity =
 exp(-sum ll / sum words), byte_perplexity = exp(-sum ll / sum bytes), bits_per_byte = -sum ll / sum bytes /
 ln 2, with words = len(re.split(r"\\s+", doc)) and bytes = len(doc.encode("utf-8")); jaxllm adds
-token_perplexity = exp(-sum ll / sum tokens) and the counts.
+token_perplexity = exp(-sum ll / sum tokens) and the counts. One difference, on purpose: with a tokenizer
+that adds a BOS itself (Llama's), lm-eval 0.4.13's HFLM encodes the document with it and also prefixes it,
+so it scores [BOS, BOS, doc] and adds log p(BOS | BOS) to every document (even an empty one); jaxllm scores
+[BOS, doc]. With tokenizers that add nothing (GPT-2's) the two agree exactly.
 """
 
 from __future__ import annotations
