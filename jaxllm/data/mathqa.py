@@ -289,8 +289,10 @@ def _files_in(folder: pathlib.Path) -> list[pathlib.Path]:
     raise DataError(f"the MathQA folder {folder} holds no .json, .jsonl, .parquet or .csv files")
 
 
-def load_questions(mathqa_cfg, split: str) -> tuple[list[Question], ParseReport]:
-    """Questions of `split` (a split name, or a local path) from the configured source, with the report.
+def load_records(mathqa_cfg, split: str) -> list:
+    """The raw records of `split` (a split name, or a local path) from the configured source, in source order,
+    unparsed (dicts with MathQA's string fields, or UnreadableRow): what `load_questions` parses, and what
+    lm-eval-format scoring (jaxllm/lmeval.py) reads the harness's way.
 
     The synthetic source generates `mathqa.synthetic_problems` for train and a tenth of that for others;
     splits other than TRAINING_SPLITS draw only held-out problems (synthetic.is_held_out).
@@ -309,7 +311,13 @@ def load_questions(mathqa_cfg, split: str) -> tuple[list[Question], ParseReport]
         records = [r for f in local_split_files(mathqa_cfg.path, split) for r in read_file(f)]
     else:
         raise DataError(f"unknown MathQA source '{source}'; set --config.mathqa.source to synthetic, hub or local")
-    questions, report = parse_records(records)
+    return records
+
+
+def load_questions(mathqa_cfg, split: str) -> tuple[list[Question], ParseReport]:
+    """Questions of `split` (`load_records`'s records, parsed), with the report; DataError when none is readable."""
+    source = mathqa_cfg.source
+    questions, report = parse_records(load_records(mathqa_cfg, split))
     if not questions:
         raise DataError(f"the MathQA {source} split '{split}' has no readable questions ({report.summary()})")
     return questions, report
