@@ -36,7 +36,7 @@ import numpy as np
 
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
-from jaxllm import hugepages, lmeval, models, sharding
+from jaxllm import hugepages, lmeval, models, pretrained, sharding
 from jaxllm.generate import load_params, stage_dir
 from jaxllm.data import mathqa
 from jaxllm.data.sources import DataError
@@ -336,7 +336,11 @@ def _round_up(n: int, multiple: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxllm.eval", description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True, help="a run folder (its finetune stage when it has stages)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="a run folder (its finetune stage when it has stages)")
+    source.add_argument("--init_from", help="an imported model instead: hf:FOLDER_OR_REPO_ID or gguf:FILE")
+    parser.add_argument("--out", default=None, help="folder for eval.jsonl and TensorBoard (default: the run "
+                                                    "folder; with --init_from: none, the row is printed only)")
     parser.add_argument("--task", default="mathqa", choices=["mathqa", "perplexity"])
     parser.add_argument("--format", default="jaxllm", choices=["jaxllm", "lm-eval"],
                         help="MathQA prompts and scoring: jaxllm's (the fine-tune's template) or lm-evaluation-harness's "
@@ -346,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(required): a .txt file, a .jsonl/.parquet file with a `text` field, or a folder of them")
     parser.add_argument("--split", default=None, help="split name or file to score (default: mathqa.test_split)")
     parser.add_argument("--fewshot_split", default=None,
-                        help="lm-eval format: split name or file the shots come from (default: mathqa.train_split; "
-                             "the harness draws from MathQA's whole train split, train.json in its order)")
+                        help="split name or file the shots come from (default: mathqa.train_split; lm-eval's "
+                             "harness draws from MathQA's whole train split, train.json in its order)")
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--max_questions", type=int, default=0,
                         help="score only the first N questions (lm-eval: its --limit); 0 = all")
@@ -362,10 +366,20 @@ def main(argv: list[str] | None = None) -> int:
                      "or a folder of them")
     fmt = "lm-eval" if args.task == "perplexity" else args.format
     try:
-        run_dir = stage_dir(pathlib.Path(args.workdir))
-        if not (run_dir / "config.json").is_file():
-            raise DataError(f"{run_dir} has no config.json; point --workdir at a jaxllm run folder")
-        config = config_lib.from_json((run_dir / "config.json").read_text())
+        if args.init_from:
+            if not pretrained.is_external(args.init_from):
+                raise config_lib.ConfigError(f"--init_from {args.init_from} is not hf:FOLDER_OR_REPO_ID or gguf:FILE; "
+                                             f"use --workdir for a jaxllm run")
+            run_dir = None
+            config = pretrained.adopt(config_lib.default_config(), args.init_from)
+            config.train.num_devices = 1
+        else:
+            run_dir = stage_dir(pathlib.Path(args.workdir))
+            if not (run_dir / "config.json").is_file():
+                raise DataError(f"{run_dir} has no config.json; point --workdir at a jaxllm run folder")
+            config = config_lib.from_json((run_dir / "config.json").read_text())
+        if args.fewshot_split:
+            config.mathqa.train_split = args.fewshot_split
         if args.data and args.task == "mathqa":
             data = pathlib.Path(args.data)
             config.mathqa.source = "local"
@@ -397,7 +411,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.max_questions:
                 questions = questions[:args.max_questions]
             info = {"split": config.mathqa.test_split}
-        params, step = load_params(run_dir, config)
+        if run_dir is None:
+            params, step = jax.tree.map(jnp.asarray, pretrained.load_params(args.init_from)), 0
+        else:
+            params, step = load_params(run_dir, config)
         mesh = sharding.make_mesh(min(config.train.num_devices, jax.device_count()))  # the run may have had more
         if args.batch_size:
             config.mathqa.eval_batch_size = args.batch_size
@@ -421,8 +438,13 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, TokenizerError, checkpoint_lib.CheckpointError, config_lib.ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    row = {"task": args.task, "format": fmt, **info, "step": step, **result}
-    with open(run_dir / "eval.jsonl", "a") as file:
+    row = {"task": args.task, "format": fmt, **info, "model": args.init_from or str(run_dir), "step": step, **result}
+    out_dir = pathlib.Path(args.out) if args.out else run_dir
+    if out_dir is None:
+        print(json.dumps(row))
+        return 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "eval.jsonl", "a") as file:
         file.write(json.dumps(row) + "\n")
     from tensorboardX import SummaryWriter
 
@@ -433,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         prefix = f"mathqa_{args.shots}shot" if fmt == "jaxllm" else f"mathqa_lmeval_{args.shots}shot"
         names = ("acc", "acc_norm", "shots_mean") if fmt == "jaxllm" else ("acc", "acc_norm")
         scalars = {f"{prefix}/{name}": result[name] for name in names}
-    with SummaryWriter(str(run_dir / "tensorboard")) as tb:
+    with SummaryWriter(str(out_dir / "tensorboard")) as tb:
         for tag, value in scalars.items():
             tb.add_scalar(tag, value, step)
     print(json.dumps(row))

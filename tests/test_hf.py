@@ -210,3 +210,27 @@ def test_finetune_from_hf_trains_and_exports_again(tmp_path, monkeypatch):
     assert (fields["n_kv_head"], fields["rope_scaling"]) == (2, "llama3")
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         np.testing.assert_array_equal(leaf, functools.reduce(lambda tree, key: tree[key.key], path, gguf_params))
+
+
+def test_eval_and_generate_take_an_imported_model(tmp_path, capsys, monkeypatch):
+    """`jaxllm.eval --init_from hf:DIR` scores MathQA (both formats) and perplexity, `jaxllm.generate
+    --init_from hf:DIR` decodes with the folder's tokenizer, and a non-import source is refused."""
+    from jaxllm import eval as eval_lib
+    from jaxllm.config import default_config
+    from jaxllm.tokenizer import get_tokenizer
+
+    monkeypatch.setenv("JAXLLM_CACHE", str(tmp_path / "cache"))
+    config = default_config()
+    config.model.update(n_layer=2, n_embd=32, n_head=4, vocab_size=320, sequence_length=128)
+    params = models.build(config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    hf.save_pretrained(config, params, tmp_path / "m", tokenizer=get_tokenizer("byte"))
+    (tmp_path / "doc.txt").write_text("a few words of text to score\n" * 20)
+    for extra in (["--format", "jaxllm"], ["--format", "lm-eval"], ["--task", "perplexity", "--data", str(tmp_path / "doc.txt")]):
+        assert eval_lib.main(["--init_from", f"hf:{tmp_path / 'm'}", "--shots", "0", "--max_questions", "4", *extra]) == 0
+        row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert row["model"] == f"hf:{tmp_path / 'm'}"
+        assert ("word_perplexity" in row) if "perplexity" in extra else (0 <= row["acc"] <= 1)
+    assert generate_lib.main(["--init_from", f"hf:{tmp_path / 'm'}", "--prompt", "ab", "--max_new_tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("ab")
+    assert eval_lib.main(["--init_from", str(tmp_path / "m")]) == 2
+    assert "is not hf:FOLDER_OR_REPO_ID or gguf:FILE" in capsys.readouterr().err
