@@ -1,13 +1,15 @@
 """Export a run's model: `python -m jaxllm.export --workdir RUN [--stage finetune] --format hf|gguf --out PATH`.
 
 The params of the stage's newest checkpoint (LoRA adapters merged into the base weights) leave jaxllm as
-- `--format hf`: a Hugging Face LlamaForCausalLM folder (config.json, model.safetensors in `--dtype`,
-  tokenizer files) that `transformers.AutoModelForCausalLM.from_pretrained(PATH)` loads (jaxllm/hf.py);
+- `--format hf`: a Hugging Face LlamaForCausalLM folder, or GPT2LMHeadModel for a gpt2-baseline run
+  (config.json, model.safetensors in `--dtype`, tokenizer files), that
+  `transformers.AutoModelForCausalLM.from_pretrained(PATH)` loads (jaxllm/hf.py);
 - `--format gguf`: one GGUF file for llama.cpp (`--quant f16|q8_0|f32`), with the llama architecture
   metadata and the tokenizer (jaxllm/gguf_io.py). `--out` is the file; a folder gets `model-<quant>.gguf`.
 Both carry the run's tokenizer: jaxllm's GPT-2 BPE and byte tokenizers are written as Hugging Face
-tokenizer.json equivalents (tokenizer.save_hf_tokenizer). Dense llama runs only: a gpt2-baseline or
-mixture-of-experts run is refused with one sentence (transformers' Llama has neither).
+tokenizer.json equivalents (tokenizer.save_hf_tokenizer). A mixture-of-experts run is refused with one
+sentence (transformers' Llama has no experts), and so is a gpt2-baseline run for `--format gguf` (jaxllm
+writes GGUF's llama architecture only; export it with `--format hf`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ def export(workdir: pathlib.Path, out: pathlib.Path, *, fmt: str, stage: str | N
     folder = run_dir(workdir, stage)
     config = config_lib.from_json((folder / "config.json").read_text())
     hf.check_exportable(config)
+    if fmt == "gguf" and config.model.name != "llama":
+        raise config_lib.ConfigError(f"the run's model is {config.model.name}, and jaxllm writes GGUF for llama "
+                                     f"models only; export it with --format hf instead")
     tokenizer = get_tokenizer(config.data.tokenizer, config.data.tokenizer_path)
     params, step = load_params(folder, config)
     if fmt == "hf":

@@ -1,4 +1,5 @@
-"""Hugging Face Llama checkpoints in and out: `load_pretrained(path_or_repo)` and `save_pretrained(...)`.
+"""Hugging Face checkpoints in and out: `load_pretrained(path_or_repo)` (Llama) and `save_pretrained(...)`
+(Llama, and jaxllm's GPT-2 baseline as a GPT2LMHeadModel).
 
 A `LlamaForCausalLM` folder (config.json + model.safetensors, or shards named by
 model.safetensors.index.json; float32, bfloat16 or float16) becomes a full jaxllm config and a float32
@@ -12,6 +13,14 @@ The rotary convention differs: transformers rotates the two halves of each head 
 the reference and llama.cpp) rotates adjacent pairs (2i, 2i + 1). The rows of every q and k projection are
 permuted within each head on the way in (`_halves_to_pairs`) and back on the way out: q . k is unchanged
 because both sides are permuted alike, and the round trip is the identity, bit for bit.
+
+A gpt2-baseline run leaves as a `GPT2LMHeadModel` folder (`save_pretrained` only; importing one is
+refused by model_type, since OpenAI's GPT-2 has biases jaxllm's baseline has no place for). The maths are
+the same: learned positions (wpe), pre-LayerNorm blocks, 1/sqrt(head_dim) attention, exact-erf GELU
+("gelu" in transformers' ACT2FN; "gelu_new" would be the tanh approximation), tied or untied head. jaxllm's
+LayerNorms, attention and MLP are bias-free: their transformers biases are written as zeros. transformers'
+Conv1D weights are [in, out], jaxllm's kernels too, so they go across untransposed, q, k and v
+concatenated on the out axis of c_attn.
 
 Weights are read and written with the `safetensors` package (no pickle, no torch). A Hub repo id is
 downloaded with `huggingface_hub` when the network is there; offline, a repo that is not in the local cache
@@ -279,20 +288,68 @@ def tensors_from_params(m, params) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
+def gpt2_hf_config(m, *, bos_id: int | None = None, eos_id: int | None = None,
+                   dtype: str = "float32") -> dict[str, Any]:
+    """The transformers GPT2Config dict of a jaxllm gpt2 `model` section.
+
+    activation_function "gelu" is torch's exact erf GELU (jaxllm's `nn.gelu(approximate=False)`); attention
+    scaled by 1/sqrt(head_dim) only (scale_attn_weights, no per-layer scaling, no reordered upcast); the
+    dropouts are the run's model.dropout, in the places jaxllm drops (embeddings, attention probabilities,
+    each residual branch), inactive at eval.
+    """
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": m.vocab_size,
+            "n_positions": m.sequence_length, "n_embd": m.n_embd, "n_layer": m.n_layer, "n_head": m.n_head,
+            "n_inner": _mlp_hidden(m), "activation_function": "gelu", "layer_norm_epsilon": m.norm_eps,
+            "tie_word_embeddings": bool(m.tie_embeddings), "resid_pdrop": m.dropout, "embd_pdrop": m.dropout,
+            "attn_pdrop": m.dropout, "initializer_range": m.init_std, "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+            "add_cross_attention": False, "bos_token_id": bos_id, "eos_token_id": eos_id, "torch_dtype": dtype,
+            "use_cache": True}
+
+
+def gpt2_tensors_from_params(m, params) -> dict[str, np.ndarray]:
+    """transformers' GPT2LMHeadModel state dict (float32 numpy) of jaxllm gpt2 params.
+
+    Conv1D weights are [in, out] like jaxllm's kernels: c_attn [D, 3D] is q | k | v on the out axis (the
+    order transformers' `split(D, dim=2)` reads them), c_proj [D, D], c_fc [D, F], mlp.c_proj [F, D]. Every
+    bias, of the LayerNorms too, is zeros; lm_head.weight [V, D] only when the head is untied.
+    """
+    arr = lambda x: np.asarray(x, dtype=np.float32)  # noqa: E731
+    d, f = m.n_embd, _mlp_hidden(m)
+    zeros = lambda n: np.zeros((n,), np.float32)  # noqa: E731
+    out = {"transformer.wte.weight": arr(params["embed"]["embedding"]),
+           "transformer.wpe.weight": arr(params["pos_embed"]["embedding"])}
+    for i in range(m.n_layer):
+        b, p = params[f"blocks_{i}"], f"transformer.h.{i}."
+        attn = b["attn"]
+        out[p + "ln_1.weight"], out[p + "ln_1.bias"] = arr(b["ln_1"]["scale"]), zeros(d)
+        out[p + "attn.c_attn.weight"] = np.concatenate([arr(attn[n]["kernel"]) for n in ("q", "k", "v")], axis=1)
+        out[p + "attn.c_attn.bias"] = zeros(3 * d)
+        out[p + "attn.c_proj.weight"], out[p + "attn.c_proj.bias"] = arr(attn["o"]["kernel"]), zeros(d)
+        out[p + "ln_2.weight"], out[p + "ln_2.bias"] = arr(b["ln_2"]["scale"]), zeros(d)
+        out[p + "mlp.c_fc.weight"], out[p + "mlp.c_fc.bias"] = arr(b["mlp"]["fc"]["kernel"]), zeros(f)
+        out[p + "mlp.c_proj.weight"], out[p + "mlp.c_proj.bias"] = arr(b["mlp"]["proj"]["kernel"]), zeros(d)
+    out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = arr(params["ln_f"]["scale"]), zeros(d)
+    if not m.tie_embeddings:
+        out["lm_head.weight"] = arr(params["lm_head"]["kernel"]).T
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
 def check_exportable(config) -> None:
-    """HFError unless the config's model is one transformers' LlamaForCausalLM can hold."""
-    if config.model.name != "llama":
-        raise HFError(f"model.name is {config.model.name}: jaxllm exports llama models only (a gpt2-baseline "
-                      f"run has no bias-free LayerNorm GPT-2 in transformers)")
+    """HFError unless the config's model is one transformers can hold: a dense llama (LlamaForCausalLM) or
+    jaxllm's gpt2 baseline (GPT2LMHeadModel)."""
+    if config.model.name not in ("llama", "gpt2"):
+        raise HFError(f"model.name is {config.model.name}: jaxllm exports llama and gpt2 models only")
     if config.get("moe") is not None and config.moe.n_experts:
         raise HFError("the model has mixture-of-experts layers; transformers' LlamaForCausalLM has none, so "
                       "jaxllm exports dense llama models only")
 
 
 def save_pretrained(config, params, out_dir: str | os.PathLike, *, dtype: str = "float32", tokenizer=None) -> pathlib.Path:
-    """Write `params` (a dense llama's float32 tree, LoRA already merged) as a Hugging Face LlamaForCausalLM
-    folder: config.json, generation_config.json, model.safetensors in `dtype` and, given a jaxllm
-    `tokenizer`, its tokenizer files (tokenizer.save_hf_tokenizer). Returns the folder."""
+    """Write `params` (a dense llama's or a gpt2's float32 tree, LoRA already merged) as a Hugging Face
+    LlamaForCausalLM or GPT2LMHeadModel folder: config.json, generation_config.json, model.safetensors in
+    `dtype` and, given a jaxllm `tokenizer`, its tokenizer files (tokenizer.save_hf_tokenizer). Returns the
+    folder."""
     from safetensors.flax import save_file
 
     check_exportable(config)
@@ -302,8 +359,13 @@ def save_pretrained(config, params, out_dir: str | os.PathLike, *, dtype: str = 
     out.mkdir(parents=True, exist_ok=True)
     bos = getattr(tokenizer, "bos_id", None)
     eos = getattr(tokenizer, "eot_id", None)
-    hf = hf_config(config.model, bos_id=bos, eos_id=eos, dtype=dtype)
-    tensors = {k: jnp.asarray(v).astype(jnp.dtype(dtype)) for k, v in tensors_from_params(config.model, params).items()}
+    if config.model.name == "gpt2":
+        hf, numpy_tensors = (gpt2_hf_config(config.model, bos_id=bos, eos_id=eos, dtype=dtype),
+                             gpt2_tensors_from_params(config.model, params))
+    else:
+        hf, numpy_tensors = (hf_config(config.model, bos_id=bos, eos_id=eos, dtype=dtype),
+                             tensors_from_params(config.model, params))
+    tensors = {k: jnp.asarray(v).astype(jnp.dtype(dtype)) for k, v in numpy_tensors.items()}
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
     (out / CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
     generation = {k: v for k, v in (("bos_token_id", bos), ("eos_token_id", eos)) if v is not None}

@@ -161,14 +161,11 @@ def test_missing_files_and_offline_hub_are_one_sentence(tmp_path, monkeypatch):
         hf.load_pretrained("nobody/no-such-model")
 
 
-def test_gpt2_and_moe_runs_are_refused_for_export(tmp_path):
+def test_moe_runs_are_refused_for_export(tmp_path):  # gpt2 runs export as GPT2LMHeadModel: tests/test_hf_gpt2.py
     from jaxllm.config import default_config
 
     config = default_config()
-    config.model.name = "gpt2"
-    with pytest.raises(hf.HFError, match="llama models only"):
-        hf.save_pretrained(config, {}, tmp_path)
-    config.model.name, config.moe.n_experts = "llama", 4
+    config.moe.n_experts = 4
     with pytest.raises(hf.HFError, match="mixture-of-experts"):
         hf.save_pretrained(config, {}, tmp_path)
 
