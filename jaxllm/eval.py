@@ -10,7 +10,9 @@ see the same prompts. Contexts are built to fit `mathqa.eval_max_length` tokens 
 when K shots do not fit, whole shots are dropped, the farthest from the question first, never cut into a
 fragment. How many each question really got is reported (`shots_mean`, `shots_min`, `fewer_shots`). llama
 has no learned positions and can score contexts longer than it trained on; gpt2 cannot. Only a prompt too
-long on its own is still cut from the left (counted in `cut_prompts`).
+long on its own is still cut from the left (counted in `cut_prompts`). A tokenizer with a BOS (`bos_id`:
+Llama 3's <|begin_of_text|>, which such a model was trained with first) puts it before every context, as the
+fine-tune's examples do: it counts in the length and is never cut, a cut drops the oldest prompt tokens.
 
 `--format lm-eval`: lm-evaluation-harness's `mathqa` task (prompts, choices, shots, tokenization, acc,
 acc_norm and their stderr; jaxllm/lmeval.py says how), scored by the same scorers. `--task perplexity
@@ -43,23 +45,34 @@ from jaxllm.data.sources import DataError
 from jaxllm.tokenizer import TokenizerError, get_tokenizer
 
 
-def token_example(context_ids: list[int], cont_ids: list[int], max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """ids int32 [n] = context + continuation ids, mask float32 [n] = 1 on the continuation.
+def _keep_last(ids, n: int) -> list[int]:
+    """The last max(n, 0) of `ids` (all of them when there are fewer), as a list."""
+    ids = list(ids)
+    return ids[max(0, len(ids) - n):]
+
+
+def token_example(context_ids: list[int], cont_ids: list[int], max_length: int,
+                  bos_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """ids int32 [n] = [BOS] + context + continuation ids, mask float32 [n] = 1 on the continuation.
 
     The context is cut from the left so that n <= max_length + 1: lm-eval's (context + continuation)
-    [-(max_length + 1):] whenever the continuation fits in max_length.
+    [-(max_length + 1):] whenever the continuation fits in max_length. `bos_id` (jaxllm's format; None: no
+    BOS) is put first and never cut: the cut takes the oldest context tokens after it. lm-eval's contexts
+    carry their BOS in `context_ids` instead, where the harness's own cut may drop it.
     """
     cont_ids = list(cont_ids)[-max_length:]
-    keep = max(1, max_length + 1 - len(cont_ids))
-    context_ids = list(context_ids)[-keep:]
+    keep = max(1, max_length + 1 - len(cont_ids))  # context tokens, the BOS among them
+    context_ids = _keep_last(context_ids, keep) if bos_id is None else [bos_id] + _keep_last(context_ids, keep - 1)
     ids = np.asarray(context_ids + cont_ids, np.int32)
     mask = np.concatenate([np.zeros(len(context_ids), np.float32), np.ones(len(cont_ids), np.float32)])
     return ids, mask
 
 
 def choice_example(tokenizer, context: str, continuation: str, max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """`token_example` of the separately encoded context and continuation (no end-of-text)."""
-    return token_example(tokenizer.encode(context), tokenizer.encode(continuation), max_length)
+    """`token_example` of the separately encoded context and continuation (no end-of-text), after
+    `tokenizer.bos_id` when it has one."""
+    return token_example(tokenizer.encode(context), tokenizer.encode(continuation), max_length,
+                         bos_id=getattr(tokenizer, "bos_id", None))
 
 
 def make_score_fn(model, mesh):
@@ -121,8 +134,7 @@ def _score_cached(score_fn, params, context_ids, option_ids, *, max_length, batc
     option rounded up to 8 (the continuation columns), so no option is ever cut.
     """
     n, k = len(context_ids), max(len(row) for row in option_ids)
-    longest_option = max(len(ids) for row in option_ids for ids in row)
-    c = max(8, -(-longest_option // 8) * 8)
+    c = _option_columns(option_ids)
     cut_N = np.asarray([len(ids) > max_length - c for ids in context_ids], bool)
     context_ids = [list(ids)[-(max_length - c):] for ids in context_ids]
     order = sorted(range(n), key=lambda i: len(context_ids[i]))
@@ -148,11 +160,24 @@ def _score_cached(score_fn, params, context_ids, option_ids, *, max_length, batc
     return scores, cut_N
 
 
+def _option_columns(option_ids) -> int:
+    """C, the continuation columns of `_score_cached`'s layout: the longest option rounded up to 8 (at least 8)."""
+    longest_option = max(len(ids) for row in option_ids for ids in row)
+    return max(8, -(-longest_option // 8) * 8)
+
+
 def _evaluate_cached(score_fn, params, tokenizer, contexts, continuations, *, max_length, batch_size, pad_multiple,
                      mesh) -> np.ndarray:
-    """Scores float64 [N, 5] with `make_cached_score_fn`; contexts [N] strings, continuations [N][5] strings."""
+    """Scores float64 [N, 5] with `make_cached_score_fn`; contexts [N] strings, continuations [N][5] strings.
+
+    A tokenizer's `bos_id` starts each context; a context too long for the context columns (max_length - C)
+    keeps its BOS and loses its oldest tokens here, so `_score_cached` cuts nothing more."""
     options = [[tokenizer.encode(text) for text in row] for row in continuations]
     context_ids = [tokenizer.encode(text) for text in contexts]
+    bos_id = getattr(tokenizer, "bos_id", None)
+    if bos_id is not None:
+        room = max_length - _option_columns(options) - 1  # context tokens after the BOS
+        context_ids = [[bos_id] + _keep_last(ids, room) for ids in context_ids]
     scores, _ = _score_cached(score_fn, params, context_ids, options, max_length=max_length, batch_size=batch_size,
                               pad_multiple=pad_multiple, mesh=mesh)
     return scores
@@ -176,14 +201,17 @@ def mc_contexts(tokenizer, questions, pool, *, shots: int, seed: int, max_length
     """(contexts [N] strings, continuations [N][5] strings, shots_N int [N], cut_N bool [N]).
 
     Context i = its kept shots (whole solved examples from `pool`, `mathqa.shot_indices(len(pool), shots,
-    seed, i)`) + the question's prompt; continuation (i, o) = option o's answer text. Each context leaves
-    room for the longest continuation of all questions rounded up to 8 (the cached layout's continuation
-    columns), so neither scoring layout cuts it: shots are dropped whole, the first drawn (farthest from
-    the question) first. shots_N counts the shots kept; cut_N marks prompts too long even with none.
+    seed, i)`) + the question's prompt; continuation (i, o) = option o's answer text. Each context, with the
+    tokenizer's BOS that the scorers put before it (`bos_id`; none when None), leaves room for the longest
+    continuation of all questions rounded up to 8 (the cached layout's continuation columns), so neither
+    scoring layout cuts it: shots are dropped whole, the first drawn (farthest from the question) first.
+    shots_N counts the shots kept; cut_N marks prompts too long even with none.
     """
     continuations = [[mathqa.format_choice(q, option) for option in range(5)] for q in questions]
     longest = max((len(tokenizer.encode(text)) for row in continuations for text in row), default=0)
     budget = max_length - -(-longest // 8) * 8
+    if getattr(tokenizer, "bos_id", None) is not None:
+        budget -= 1  # the BOS's place
     contexts, shots_N, cut_N = [], np.zeros(len(questions), np.int64), np.zeros(len(questions), bool)
     for i, q in enumerate(questions):
         picks = mathqa.shot_indices(len(pool), shots, seed, i)
@@ -199,6 +227,21 @@ def mc_contexts(tokenizer, questions, pool, *, shots: int, seed: int, max_length
     return contexts, continuations, shots_N, cut_N
 
 
+def mc_scores(score_fn, params, tokenizer, contexts, continuations, *, max_length: int, batch_size: int,
+              pad_multiple: int, mesh) -> np.ndarray:
+    """float64 [N, 5]: the summed log-probabilities of continuation (i, o)'s tokens after [BOS] + context i
+    (`mc_contexts`'s strings; the BOS only when `tokenizer.bos_id` is not None), by `score_fn`:
+    `make_cached_score_fn`'s (marked by its `cached` attribute) or `make_score_fn`'s (one row per option)."""
+    if getattr(score_fn, "cached", False):
+        return _evaluate_cached(score_fn, params, tokenizer, contexts, continuations, max_length=max_length,
+                                batch_size=batch_size, pad_multiple=pad_multiple, mesh=mesh)
+    rows = [choice_example(tokenizer, context, continuation, max_length)
+            for context, row in zip(contexts, continuations) for continuation in row]
+    scores = _score_rows(score_fn, params, rows, max_length=max_length, batch_size=batch_size,
+                         pad_multiple=pad_multiple, mesh=mesh)
+    return scores.reshape(len(contexts), 5)
+
+
 def evaluate_mc(score_fn, params, tokenizer, questions, train_questions, *, shots: int, seed: int, max_length: int,
                 batch_size: int, pad_multiple: int, mesh) -> dict:
     """{"n", "acc", "acc_norm", "shots", "shots_mean", "shots_min", "fewer_shots", "cut_prompts"} of
@@ -211,15 +254,8 @@ def evaluate_mc(score_fn, params, tokenizer, questions, train_questions, *, shot
     """
     contexts, continuations, shots_N, cut_N = mc_contexts(tokenizer, questions, train_questions, shots=shots,
                                                           seed=seed, max_length=max_length)
-    if getattr(score_fn, "cached", False):
-        scores_Nx5 = _evaluate_cached(score_fn, params, tokenizer, contexts, continuations, max_length=max_length,
-                                      batch_size=batch_size, pad_multiple=pad_multiple, mesh=mesh)
-    else:
-        rows = [choice_example(tokenizer, context, continuation, max_length)
-                for context, row in zip(contexts, continuations) for continuation in row]
-        scores = _score_rows(score_fn, params, rows, max_length=max_length, batch_size=batch_size,
-                             pad_multiple=pad_multiple, mesh=mesh)
-        scores_Nx5 = scores.reshape(len(questions), 5)
+    scores_Nx5 = mc_scores(score_fn, params, tokenizer, contexts, continuations, max_length=max_length,
+                           batch_size=batch_size, pad_multiple=pad_multiple, mesh=mesh)
     answers = np.asarray([q.answer for q in questions])
     char_lengths_Nx5 = np.asarray([[len(text) for text in row] for row in continuations], np.float64)
     norm_Nx5 = scores_Nx5 / char_lengths_Nx5

@@ -24,9 +24,10 @@ Template (what the model sees; `format_prompt` / `format_target`):
     Answer:{target}
 
   with target = " {letter} ) {option text}" (and, with `rationale=True`, "\\nRationale: {rationale}"
-  after it), then the end-of-text token. The loss mask is 1 on every target token and on the closing
-  end-of-text, 0 on the prompt and on padding. K-shot prompts put K solved examples (prompt + target,
-  separated by a blank line) before the question.
+  after it), then the end-of-text token. A tokenizer with a BOS (`bos_id`, e.g. Llama 3's
+  <|begin_of_text|>) puts it before all of that: the model was trained with it first. The loss mask is 1 on
+  every target token and on the closing end-of-text, 0 on the BOS, the prompt and padding. K-shot prompts
+  put K solved examples (prompt + target, separated by a blank line) before the question.
 
 Batches (dicts of numpy arrays, the layout of jaxllm/data/batches.py):
     inputs  int32   [B, L]  token ids (padding: 0)
@@ -401,18 +402,24 @@ def shot_indices(n_train: int, k: int, seed: int, question_index: int) -> np.nda
 
 
 def tokenize_example(tokenizer, prompt: str, target: str, max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """ids int32 [n] = prompt + target + EOT, and mask float32 [n]: 1 on target tokens and the EOT.
+    """ids int32 [n] = [BOS] + prompt + target + EOT, and mask float32 [n]: 1 on target tokens and the EOT.
 
-    When n > max_length + 1 the prompt is cut from the left (the answer is what is learned), so the
-    returned sequence has at most max_length + 1 tokens (inputs and targets of max_length each).
+    The BOS is `tokenizer.bos_id` (a model trained with one, such as Llama 3, expects it first); a tokenizer
+    without one (None: byte, gpt2) gets none. When n > max_length + 1 the prompt is cut from the left (the
+    answer is what is learned), after the BOS, which always stays, so the returned sequence has at most
+    max_length + 1 tokens (inputs and targets of max_length each). The mask is 0 on the BOS.
     """
+    bos_id = getattr(tokenizer, "bos_id", None)
+    bos_ids = [] if bos_id is None else [bos_id]
+    room = max_length + 1 - len(bos_ids)  # tokens after the BOS
     prompt_ids = tokenizer.encode(prompt)
     target_ids = tokenizer.encode(target) + [tokenizer.eot_id]
-    keep_prompt = max(0, max_length + 1 - len(target_ids))
+    keep_prompt = max(0, room - len(target_ids))
     prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:] if len(prompt_ids) > keep_prompt else prompt_ids
-    target_ids = target_ids[-(max_length + 1):]
-    ids = np.asarray(prompt_ids + target_ids, np.int32)
-    mask = np.concatenate([np.zeros(len(prompt_ids), np.float32), np.ones(len(target_ids), np.float32)])
+    target_ids = target_ids[max(0, len(target_ids) - room):]
+    ids = np.asarray(bos_ids + prompt_ids + target_ids, np.int32)
+    mask = np.concatenate([np.zeros(len(bos_ids) + len(prompt_ids), np.float32),
+                           np.ones(len(target_ids), np.float32)])
     return ids, mask
 
 
