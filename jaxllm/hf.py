@@ -40,6 +40,7 @@ import numpy as np
 
 from jaxllm import config as config_lib
 from jaxllm.config import ConfigError
+from jaxllm.models import mlp_hidden
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -75,7 +76,7 @@ def resolve(path_or_repo: str) -> pathlib.Path:
                       f"and pass its local folder") from None
 
 
-def _read_config(folder: pathlib.Path) -> dict[str, Any]:
+def read_config(folder: pathlib.Path) -> dict[str, Any]:
     file = folder / CONFIG
     if not file.is_file():
         raise HFError(f"{folder} has no {CONFIG}; point at a Hugging Face model folder")
@@ -234,7 +235,7 @@ def load_pretrained(path_or_repo: str) -> tuple[ml_collections.ConfigDict, dict[
     """
     folder = resolve(path_or_repo)
     config = config_lib.default_config()
-    config.model = model_config(_read_config(folder))
+    config.model = model_config(read_config(folder))
     params = params_from_tensors(config.model, read_tensors(folder))
     if (folder / "tokenizer.json").is_file():
         config.data.tokenizer = "hf"
@@ -247,7 +248,7 @@ def hf_config(m, *, bos_id: int | None = None, eos_id: int | None = None, dtype:
     which v5 still reads)."""
     head = m.get("head_dim", 0) or m.n_embd // m.n_head
     hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-          "hidden_size": m.n_embd, "intermediate_size": _mlp_hidden(m), "num_hidden_layers": m.n_layer,
+          "hidden_size": m.n_embd, "intermediate_size": mlp_hidden(m), "num_hidden_layers": m.n_layer,
           "num_attention_heads": m.n_head, "num_key_value_heads": m.n_kv_head or m.n_head, "head_dim": head,
           "vocab_size": m.vocab_size, "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
           "max_position_embeddings": m.sequence_length, "tie_word_embeddings": bool(m.tie_embeddings),
@@ -258,12 +259,6 @@ def hf_config(m, *, bos_id: int | None = None, eos_id: int | None = None, dtype:
                               "low_freq_factor": m.rope_low_freq_factor, "high_freq_factor": m.rope_high_freq_factor,
                               "original_max_position_embeddings": m.rope_original_max_len}
     return hf
-
-
-def _mlp_hidden(m) -> int:
-    from jaxllm.models import mlp_hidden
-
-    return mlp_hidden(m)
 
 
 def tensors_from_params(m, params) -> dict[str, np.ndarray]:
@@ -299,7 +294,7 @@ def gpt2_hf_config(m, *, bos_id: int | None = None, eos_id: int | None = None,
     """
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": m.vocab_size,
             "n_positions": m.sequence_length, "n_embd": m.n_embd, "n_layer": m.n_layer, "n_head": m.n_head,
-            "n_inner": _mlp_hidden(m), "activation_function": "gelu", "layer_norm_epsilon": m.norm_eps,
+            "n_inner": mlp_hidden(m), "activation_function": "gelu", "layer_norm_epsilon": m.norm_eps,
             "tie_word_embeddings": bool(m.tie_embeddings), "resid_pdrop": m.dropout, "embd_pdrop": m.dropout,
             "attn_pdrop": m.dropout, "initializer_range": m.init_std, "scale_attn_weights": True,
             "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
@@ -315,7 +310,7 @@ def gpt2_tensors_from_params(m, params) -> dict[str, np.ndarray]:
     bias, of the LayerNorms too, is zeros; lm_head.weight [V, D] only when the head is untied.
     """
     arr = lambda x: np.asarray(x, dtype=np.float32)  # noqa: E731
-    d, f = m.n_embd, _mlp_hidden(m)
+    d, f = m.n_embd, mlp_hidden(m)
     zeros = lambda n: np.zeros((n,), np.float32)  # noqa: E731
     out = {"transformer.wte.weight": arr(params["embed"]["embedding"]),
            "transformer.wpe.weight": arr(params["pos_embed"]["embedding"])}

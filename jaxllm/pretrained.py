@@ -41,7 +41,7 @@ def imported(source: str) -> tuple[ml_collections.ConfigDict, str, str]:
         from jaxllm import hf
 
         folder = hf.resolve(where)
-        model = hf.model_config(hf._read_config(folder))
+        model = hf.model_config(hf.read_config(folder))
         has_tokenizer = (folder / "tokenizer.json").is_file()
         return model, ("hf" if has_tokenizer else ""), (str(folder.resolve()) if has_tokenizer else "")
     from jaxllm import gguf_io
