@@ -77,6 +77,7 @@ def resolve(path_or_repo: str) -> pathlib.Path:
 
 
 def read_config(folder: pathlib.Path) -> dict[str, Any]:
+    """The folder's config.json as a dict; HFError when it is missing or not JSON."""
     file = folder / CONFIG
     if not file.is_file():
         raise HFError(f"{folder} has no {CONFIG}; point at a Hugging Face model folder")
