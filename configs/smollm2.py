@@ -6,7 +6,7 @@ MathQA's dev split and score it on test, 0- and 5-shot.
   --config.finetune.init_from=gguf:/path/to/SmolLM2-135M-Instruct.Q4_1.gguf
 The model's shape and tokenizer come from there (jaxllm/pretrained.py); this file sets how it trains. LoRA:
   --config.finetune.lora.rank=16 --config.finetune.optim.lr=1e-3
-README ("Hugging Face models in and out") walks through it with the times it took on a 2-core CPU.
+README ("Hugging Face and llama.cpp: models in and out") walks through it with the times it took on a 2-core CPU.
 """
 
 from jaxllm.config import default_config
