@@ -36,3 +36,8 @@ done
 step "export full -> hf bf16" python -m jaxllm.export --workdir "$OUT/full" --format hf --out "$OUT/export/hf" --dtype bfloat16
 step "export full -> gguf q8_0" python -m jaxllm.export --workdir "$OUT/full" --format gguf --quant q8_0 --out "$OUT/export/smollm2-mathqa-q8_0.gguf"
 step "export lora (merged) -> hf" python -m jaxllm.export --workdir "$OUT/lora" --format hf --out "$OUT/export/hf-lora"
+# the exports against the runs' own logits (transformers, llama.cpp where llama-cpp-python is installed)
+gguf_check=()
+python -c "import llama_cpp" 2>/dev/null && gguf_check=(--gguf "$OUT/export/smollm2-mathqa-q8_0.gguf")
+step "check exports (full)" python scripts/check_export.py --workdir "$OUT/full" --hf "$OUT/export/hf" "${gguf_check[@]}"
+step "check exports (lora)" python scripts/check_export.py --workdir "$OUT/lora" --hf "$OUT/export/hf-lora"
