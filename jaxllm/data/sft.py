@@ -38,7 +38,8 @@ so a single-turn chat is exactly the prompt/completion row ("User: ...\\n\\nAssi
 Bad rows are skipped and counted by reason (`RowReport`), never a crash: a broken jsonl line, bytes that are
 not UTF-8, a row that is not an object, missing fields, a non-list `messages`, a message that is not an object
 or lacks role/content, content that is not text, an unknown role, empty content, no assistant turn, a row the
-chat template refuses (its `raise_exception`), and a row longer than `sft.max_length` tokens (skipped, not
+chat template refuses (its `raise_exception`) or renders in a way the mask cannot be read from (not
+prefix-stable, the answer not in its text, no trained token), and a row longer than `sft.max_length` tokens (skipped, not
 cut: a cut chat would teach a truncated answer or an answer to a missing question).
 
 Batches (the layout of jaxllm/data/batches.py, numpy):
@@ -570,7 +571,7 @@ def encode_rows(rows: list, encoder: Encoder, sft_cfg, max_length: int) -> tuple
             if len(ids) > max_length + 1:
                 raise RowError("longer than max_length")
             if not mask[1:].any():
-                raise RowError("nothing to train after truncation")
+                raise RowError("no trained tokens")
         except RowError as error:
             report.skipped[error.reason] += 1
             continue
