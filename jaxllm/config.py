@@ -32,6 +32,9 @@ STAGES = ("pretrain", "finetune")
 MATHQA_SOURCES = ("synthetic", "hub", "local")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 ASYNC_CHECKPOINT = ("auto", "on", "off")
+FINETUNE_DATA = ("mathqa", "sft")
+SFT_SOURCES = ("local", "hub")
+SFT_TEMPLATES = ("auto", "builtin")
 
 
 class ConfigError(ValueError):
@@ -163,6 +166,10 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.finetune = f = ml_collections.ConfigDict()  # the finetune stage: its optim and train replace the base ones
     f.init_from = ""  # "" = the pretrain stage's last checkpoint; else a workdir, checkpoints/ or step folder
+    f.data = "mathqa"  # the fine-tune's data: mathqa (the `mathqa` section, scored at the end) or sft (`sft` section)
+    # Several whole examples per training row (segment ids + per-example positions; llama only): no compute on
+    # padding. finetune.train.batch_size then counts rows, not examples. Validation batches are never packed.
+    f.packing = False
     f.optim = ml_collections.ConfigDict(o.to_dict())  # every field as in `optim`
     f.optim.lr = 5e-6  # the 2025 team's full fine-tune
     f.optim.schedule = "cosine"
@@ -180,6 +187,24 @@ def default_config() -> ml_collections.ConfigDict:
     lr.alpha = 16.0  # adapter output scaled by alpha / rank
     lr.dropout = 0.0  # dropout on the adapters' input
     lr.targets = "q,k,v,o,gate,up,down"  # comma-separated, from LORA_TARGETS
+
+    # Your own instruction data for the finetune stage (finetune.data=sft; jaxllm/data/sft.py). Rows are
+    # {"prompt", "completion"} (plain text) or {"messages": [{"role": system|user|assistant, "content"}, ...]}
+    # (rendered with the chat template); the loss covers only completion / assistant tokens and their end-of-turn.
+    c.sft = s = ml_collections.ConfigDict()
+    s.source = "local"  # local (files) or hub (a Hugging Face dataset; needs the network)
+    s.path = ""  # local: a .jsonl/.json/.parquet file or a folder of them; hub: the dataset name
+    s.split = "train"  # hub: the split; local folder: files named train.* / train-* (else every file)
+    s.val_split = ""  # "" = carve sft.val_fraction out of the train rows; else a split name or a file path
+    s.val_fraction = 0.05
+    s.max_rows = 0  # read only the first N train rows (before the carve-out); 0 = all
+    s.max_length = 0  # tokens per example; longer rows are skipped and counted; 0 = model.sequence_length
+    s.pad_multiple = 64  # batches are padded to their longest row rounded up to this; 0 = to max_length
+    s.template = "auto"  # auto: the tokenizer's chat template when it has one, else the built-in; builtin: always it
+    s.seed = 0  # order of training examples (and packing) and the validation carve-out
+    s.messages_field = "messages"  # the row fields read
+    s.prompt_field = "prompt"
+    s.completion_field = "completion"
     return c
 
 
@@ -407,9 +432,10 @@ def _validate_moe(config: ml_collections.ConfigDict) -> None:
     if e.group_size and m.sequence_length % e.group_size:
         raise ConfigError(f"moe.group_size ({e.group_size}) must divide model.sequence_length ({m.sequence_length})")
     if e.mode == "capacity" and e.group_size and "finetune" in stage_names(config):
-        # the finetune stage's batches are padded to multiples of mathqa.pad_multiple, at most max_length
-        q = config.mathqa
-        lengths = {"mathqa.max_length": q.max_length or m.sequence_length, "mathqa.pad_multiple": q.pad_multiple}
+        # the finetune stage's batches are padded to multiples of its data's pad_multiple, at most max_length
+        name = config.finetune.data if config.finetune.data in FINETUNE_DATA else "mathqa"
+        q = config[name]
+        lengths = {f"{name}.max_length": q.max_length or m.sequence_length, f"{name}.pad_multiple": q.pad_multiple}
         for path, length in lengths.items():
             if length and length % e.group_size:
                 raise ConfigError(f"moe.group_size ({e.group_size}) must divide {path} ({length}), the lengths the "
@@ -459,6 +485,7 @@ def _validate_stages(config) -> None:
         raise ConfigError(f"finetune.lora.dropout ({lora.dropout}) cannot reach the adapters of mixture-of-experts "
                           "kernels (gate, up, down adapt the expert weights themselves); set finetune.lora.dropout=0 "
                           "or finetune.lora.targets=q,k,v,o")
+    _validate_sft(config, "finetune" in names)
     if "finetune" in names:
         if "pretrain" not in names and not config.finetune.init_from:
             raise ConfigError("stages has finetune without pretrain, so finetune.init_from must name a checkpoint "
@@ -469,6 +496,28 @@ def _validate_stages(config) -> None:
             validate(staged)
         except ConfigError as error:
             raise ConfigError(f"in the finetune stage (finetune.optim / finetune.train): {error}") from None
+
+
+def _validate_sft(config, finetuning: bool) -> None:
+    """finetune.data, finetune.packing and the sft section (its path only when a finetune stage reads it)."""
+    f, s, m = config.finetune, config.sft, config.model
+    _choice(f.data, FINETUNE_DATA, "finetune.data")
+    _choice(s.source, SFT_SOURCES, "sft.source")
+    _choice(s.template, SFT_TEMPLATES, "sft.template")
+    for path, value in (("sft.max_length", s.max_length), ("sft.pad_multiple", s.pad_multiple),
+                        ("sft.max_rows", s.max_rows)):
+        _positive(value, path, allow_zero=True)
+    if not 0 < s.val_fraction < 1:
+        raise ConfigError(f"sft.val_fraction is {s.val_fraction}; it must be in (0, 1)")
+    if m.name == "gpt2" and s.max_length > m.sequence_length:
+        raise ConfigError(f"sft.max_length ({s.max_length}) exceeds gpt2's {m.sequence_length} learned positions; "
+                          f"set it to at most {m.sequence_length}")
+    if f.packing and m.name != "llama":
+        raise ConfigError("finetune.packing is for llama (gpt2's learned positions and attention take no segment "
+                          "ids); set finetune.packing=false")
+    if finetuning and f.data == "sft" and not s.path:
+        where = "a dataset name" if s.source == "hub" else "a .jsonl/.json/.parquet file or a folder of them"
+        raise ConfigError(f"finetune.data is 'sft' but sft.path is empty; set --config.sft.path to {where}")
 
 
 def _divisor_near(n: int, k: int) -> int:

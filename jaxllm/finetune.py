@@ -1,18 +1,20 @@
-"""The MathQA fine-tuning stage: from a pretrained checkpoint's params, train on masked answer tokens.
+"""The fine-tuning stage: from a pretrained checkpoint's params, train on masked answer tokens.
 
 `finetune(stage_cfg, workdir, init_from)` takes the config of the stage (`config.stage_config(config,
 "finetune")`: `finetune.optim` and `finetune.train` in place of `optim` and `train`). When `workdir` has no
 checkpoint yet, the params are read from `init_from` (a workdir, checkpoints/ folder or step folder; the
 optimizer state there is ignored) and the optimizer starts fresh; otherwise the stage resumes from its own
-newest checkpoint. Batches come from jaxllm/data/mathqa.py (loss only on answer tokens and the closing
-end-of-text) as a pure function of (mathqa.seed, step), so a resumed stage trains on exactly the batches an
-uninterrupted one would. With `finetune.lora.rank > 0` only LoRA adapters train (models/lora.py); the
-final params are exported with the adapters merged.
+newest checkpoint. `finetune.data` chooses the examples: MathQA questions (jaxllm/data/mathqa.py) or the
+user's own prompt/completion or chat rows (`sft` section, jaxllm/data/sft.py); either way data/sft.py
+tokenizes, masks (loss only on answer/assistant tokens and their end-of-turn) and batches them (padded, or
+packed with `finetune.packing`) as a pure function of (seed, step), so a resumed stage trains on exactly the
+batches an uninterrupted one would. With `finetune.lora.rank > 0` only LoRA adapters train (models/lora.py);
+the final params are exported with the adapters merged.
 
-At the end: a validation pass over every validation example (`finetune.train.full_eval_at_end`), then the
-multiple-choice accuracy on the test split for each of `mathqa.eval_shots` (rows with split "mathqa" in
-metrics.jsonl). A stage that was already finished (all steps, or its budget used up) trains no further and
-redoes none of these.
+At the end: a validation pass over every validation example (`finetune.train.full_eval_at_end`), then, for
+finetune.data=mathqa, the multiple-choice accuracy on the test split for each of `mathqa.eval_shots` (rows
+with split "mathqa" in metrics.jsonl); an sft stage ends with the validation loss. A stage that was already
+finished (all steps, or its budget used up) trains no further and redoes none of these.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from jaxllm import config as config_lib
 from jaxllm import models, optim, pretrained, sharding, step as step_lib
 from jaxllm.config import ConfigError
 from jaxllm.data import mathqa
+from jaxllm.data import sft as sft_data
 from jaxllm.metrics import MetricsWriter, read_metrics
 from jaxllm.models import lora as lora_lib
 from jaxllm.tokenizer import get_tokenizer
@@ -106,21 +109,12 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
     if m.vocab_size < tokenizer.n_vocab:
         raise ConfigError(f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer's {tokenizer.n_vocab} ids")
     mesh = sharding.make_mesh(t.num_devices)
+    scored = config.finetune.get("data", "mathqa") == "mathqa"  # MathQA's multiple-choice scoring at the end
     for name, size in (("finetune.train.batch_size", t.batch_size), ("mathqa.eval_batch_size", q.eval_batch_size)):
-        if size % mesh.size:
+        if size % mesh.size and (scored or name.startswith("finetune")):
             raise ConfigError(f"{name} ({size}) must be divisible by the {mesh.size} devices of the mesh")
-    max_length = q.max_length or m.sequence_length
-    if m.name == "gpt2" and max_length > m.sequence_length:
-        raise ConfigError(f"mathqa.max_length ({max_length}) exceeds gpt2's learned positions ({m.sequence_length})")
-
-    questions, reports = mathqa.load_splits(q)
-    (workdir / "mathqa_parse.json").write_text(json.dumps(reports, indent=2))
-    for split, report in reports.items():
-        if report["skipped"]:
-            print(f"mathqa {split}: skipped {report['rows'] - report['read']} of {report['rows']} rows: "
-                  f"{report['skipped']}", file=sys.stderr)
-    data = mathqa.FinetuneData(questions, tokenizer, max_length=max_length, pad_multiple=q.pad_multiple,
-                               rationale=q.rationale)
+    data, questions = load_data(config, tokenizer, workdir)
+    data_seed = q.seed if scored else config.sft.seed  # the order of training examples
 
     checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints,
                                                async_save=checkpoint_lib.use_async(t.async_checkpoint))
@@ -169,7 +163,7 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
     try:
         result = loop.run_loop(
             state, train_cfg=t, train_step=train_step,
-            host_batch=lambda step: data.train_batch(seed=q.seed, step=step, batch_size=t.batch_size,
+            host_batch=lambda step: data.train_batch(seed=data_seed, step=step, batch_size=t.batch_size,
                                                      grad_accum=t.grad_accum),
             shard=lambda batch: sharding.shard_batch(batch, mesh, batch_axis=1),
             evaluate_params=lambda params: loop.evaluate(eval_step, params, val_batches),
@@ -206,6 +200,10 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
     if lora_lib.is_lora(params):
         params = lora_lib.merge(params, config.finetune.lora.alpha)
         _export(workdir / "export", params)
+    if questions is None:  # finetune.data=sft: the validation loss above is the stage's measure
+        writer.close()
+        checkpointer.close()
+        return summary
     base_model = models.build(config)
     test = questions["test"][:q.eval_questions] if q.eval_questions else questions["test"]
     for shots in [int(s) for s in q.eval_shots.split(",") if s.strip()]:
@@ -218,6 +216,42 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
     writer.close()
     checkpointer.close()
     return summary
+
+
+def load_data(config, tokenizer, workdir: pathlib.Path):
+    """(the stage's batches, MathQA's {"train", "val", "test"} questions or None) for `finetune.data`.
+
+    mathqa: the `mathqa` section's questions as (prompt, completion) pairs (data/mathqa.py), skipped rows
+    in mathqa_parse.json; sft: the `sft` section's rows (data/sft.py), skipped rows in sft_parse.json. Both are
+    tokenized, masked and batched by data/sft.py (`finetune.packing`: several examples per row); each skipped
+    row count is printed too.
+    """
+    m, f = config.model, config.finetune
+    packing = bool(f.get("packing", False))
+    if f.get("data", "mathqa") == "sft":
+        max_length = config.sft.max_length or m.sequence_length
+        if m.name == "gpt2" and max_length > m.sequence_length:
+            raise ConfigError(f"sft.max_length ({max_length}) exceeds gpt2's learned positions ({m.sequence_length})")
+        data, reports = sft_data.load_data(config.sft, tokenizer, max_length=max_length, packing=packing)
+        report_file, name, questions = workdir / "sft_parse.json", "sft", None
+        print(f"sft: {len(data.train)} train and {len(data.val)} validation examples, "
+              f"{'the tokenizer' if reports['template'] == 'tokenizer' else 'the built-in'} chat template",
+              file=sys.stderr)
+    else:
+        q = config.mathqa
+        max_length = q.max_length or m.sequence_length
+        if m.name == "gpt2" and max_length > m.sequence_length:
+            raise ConfigError(f"mathqa.max_length ({max_length}) exceeds gpt2's learned positions ({m.sequence_length})")
+        questions, reports = mathqa.load_splits(q)
+        data = mathqa.FinetuneData(questions, tokenizer, max_length=max_length, pad_multiple=q.pad_multiple,
+                                   rationale=q.rationale, packing=packing)
+        report_file, name = workdir / "mathqa_parse.json", "mathqa"
+    report_file.write_text(json.dumps(reports, indent=2))
+    for split, report in reports.items():
+        if isinstance(report, dict) and report["skipped"]:
+            print(f"{name} {split}: skipped {report['rows'] - report['read']} of {report['rows']} rows: "
+                  f"{report['skipped']}", file=sys.stderr)
+    return data, questions
 
 
 def build_train_step(config, mesh):

@@ -69,6 +69,14 @@ def abstract_state(model: nn.Module, optimizer: optax.GradientTransformation, co
     return jax.eval_shape(lambda: init_state(model, optimizer, config))
 
 
+def packed_inputs(batch: Batch) -> dict[str, jax.Array]:
+    """The model's keyword arguments for a packed batch (several examples per row: its `segment_ids` and
+    `positions`, data/sft.py); {} for a plain batch, whose forward is then exactly the unpacked one."""
+    if "segment_ids" not in batch:
+        return {}
+    return {"segment_ids_BxL": batch["segment_ids"], "positions_BxL": batch["positions"]}
+
+
 def _loss_sums(model: nn.Module, config, params, batch: Batch, dropout_key
                ) -> tuple[loss_lib.LossSums, dict[str, jax.Array]]:
     """The micro-batch's loss sums and its MoE metric sums ({} for a dense model)."""
@@ -80,7 +88,8 @@ def _loss_sums(model: nn.Module, config, params, batch: Batch, dropout_key
     chunk = loss_lib.head_chunk(config.loss.head_chunk, config.model.vocab_size, int(batch["inputs"].size))
     fused_head = chunk > 0
     out = model.apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs,
-                      return_hidden=fused_head, **({"mutable": ["intermediates"]} if moe_on else {}))
+                      return_hidden=fused_head, **packed_inputs(batch),
+                      **({"mutable": ["intermediates"]} if moe_on else {}))
     features, variables = out if moe_on else (out, None)
     if fused_head:
         sums = loss_lib.chunked_cross_entropy(
@@ -190,7 +199,7 @@ def make_eval_step(model: nn.Module, config, mesh):
     replicated = sharding.replicated(mesh)
 
     def eval_step(params, batch: Batch) -> loss_lib.LossSums:
-        logits_BxLxV = model.apply({"params": params}, batch["inputs"], deterministic=True)
+        logits_BxLxV = model.apply({"params": params}, batch["inputs"], deterministic=True, **packed_inputs(batch))
         return loss_lib.cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
 
     return jax.jit(eval_step, in_shardings=(replicated, sharding.batch_sharding(mesh)), out_shardings=replicated)

@@ -29,7 +29,9 @@ Template (what the model sees; `format_prompt` / `format_target`):
   every target token and on the closing end-of-text, 0 on the BOS, the prompt and padding. K-shot prompts
   put K solved examples (prompt + target, separated by a blank line) before the question.
 
-Batches (dicts of numpy arrays, the layout of jaxllm/data/batches.py):
+Batches: MathQA is one instance of the instruction-data path (jaxllm/data/sft.py): each question is the
+(prompt, completion) pair above, tokenized, masked and batched by sft.py's code (`FinetuneData`), padded or,
+with `finetune.packing`, packed. Unpacked batches (dicts of numpy arrays, the layout of jaxllm/data/batches.py):
     inputs  int32   [B, L]  token ids (padding: 0)
     targets int32   [B, L]  the next token of each input position (padding: 0)
     weights float32 [B, L]  the loss mask shifted to the targets: 1 where the target is an answer token
@@ -41,10 +43,8 @@ batches spend no compute on padding beyond that rounding; a few distinct L value
 from __future__ import annotations
 
 import ast
-import collections
 import csv
 import dataclasses
-import functools
 import json
 import pathlib
 import re
@@ -52,7 +52,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from jaxllm.data import synthetic
+from jaxllm.data import sft, synthetic
+from jaxllm.data.sft import RowReport as ParseReport, UnreadableRow
 from jaxllm.data.sources import DataError, _load_hub
 
 LETTERS = "abcde"
@@ -82,14 +83,6 @@ class OptionsError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class UnreadableRow:
-    """A row a file holds but that could not be decoded (a broken jsonl line, bytes that are not UTF-8):
-    it is counted under `reason` like any other unreadable row."""
-
-    reason: str
-
-
-@dataclasses.dataclass(frozen=True)
 class Question:
     """One multiple-choice question: five option values a-e and the index (0-4) of the correct one."""
 
@@ -98,21 +91,6 @@ class Question:
     answer: int
     rationale: str = ""
     category: str = ""
-
-
-@dataclasses.dataclass
-class ParseReport:
-    """How many rows a source held, how many were read, and the skipped ones counted by reason."""
-
-    rows: int = 0
-    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-
-    @property
-    def read(self) -> int:
-        return self.rows - sum(self.skipped.values())
-
-    def summary(self) -> dict:
-        return {"rows": self.rows, "read": self.read, "skipped": dict(self.skipped)}
 
 
 def parse_options(text) -> tuple[str, ...]:
@@ -209,21 +187,6 @@ def _csv_records(path: pathlib.Path) -> Iterator[dict]:
                    "correct": row.get("correct"), "category": row.get("category") or ""}
 
 
-def _jsonl_records(data: bytes) -> list:
-    """One record per non-blank line; a line that is not UTF-8 or not JSON is an UnreadableRow."""
-    records = []
-    for line in data.splitlines():
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line.decode("utf-8")))
-        except UnicodeDecodeError:
-            records.append(UnreadableRow("not UTF-8"))
-        except ValueError:
-            records.append(UnreadableRow("broken json line"))
-    return records
-
-
 def read_file(path: pathlib.Path) -> list:
     """Records of one local file: a JSON list, jsonl, parquet or per-category CSV.
 
@@ -244,7 +207,7 @@ def read_file(path: pathlib.Path) -> list:
 
             return pq.read_table(path).to_pylist()
         if path.suffix == ".jsonl":
-            return _jsonl_records(data)
+            return sft.jsonl_records(data)
         data = json.loads(data.decode("utf-8", errors="surrogateescape"))
         if isinstance(data, dict):  # {"data": [...]}-style wrappers
             data = next((v for v in data.values() if isinstance(v, list)), [])
@@ -401,87 +364,22 @@ def shot_indices(n_train: int, k: int, seed: int, question_index: int) -> np.nda
 # ------------------------------------------------------------------------------------ tokens and masks
 
 
-def tokenize_example(tokenizer, prompt: str, target: str, max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """ids int32 [n] = [BOS] + prompt + target + EOT, and mask float32 [n]: 1 on target tokens and the EOT.
-
-    The BOS is `tokenizer.bos_id` (a model trained with one, such as Llama 3, expects it first); a tokenizer
-    without one (None: byte, gpt2) gets none. When n > max_length + 1 the prompt is cut from the left (the
-    answer is what is learned), after the BOS, which always stays, so the returned sequence has at most
-    max_length + 1 tokens (inputs and targets of max_length each). The mask is 0 on the BOS.
-    """
-    bos_id = getattr(tokenizer, "bos_id", None)
-    bos_ids = [] if bos_id is None else [bos_id]
-    room = max_length + 1 - len(bos_ids)  # tokens after the BOS
-    prompt_ids = tokenizer.encode(prompt)
-    target_ids = tokenizer.encode(target) + [tokenizer.eot_id]
-    keep_prompt = max(0, room - len(target_ids))
-    prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:] if len(prompt_ids) > keep_prompt else prompt_ids
-    target_ids = target_ids[max(0, len(target_ids) - room):]
-    ids = np.asarray(bos_ids + prompt_ids + target_ids, np.int32)
-    mask = np.concatenate([np.zeros(len(bos_ids) + len(prompt_ids), np.float32),
-                           np.ones(len(target_ids), np.float32)])
-    return ids, mask
+# The tokens, loss masks and batches are the instruction-data path's (jaxllm/data/sft.py): MathQA is one
+# instance of it, a formatter of (prompt, completion) pairs.
+tokenize_example = sft.tokenize_example
+padded_length = sft.padded_length
+make_batch = sft.make_batch
 
 
-def padded_length(lengths: Iterable[int], pad_multiple: int, max_length: int) -> int:
-    """The batch length L: the longest (ids - 1) rounded up to pad_multiple, at most max_length."""
-    longest = max(max(lengths, default=1) - 1, 1)
-    if pad_multiple <= 0:
-        return max_length
-    return min(max_length, -(-longest // pad_multiple) * pad_multiple)
-
-
-def make_batch(examples: list[tuple[np.ndarray, np.ndarray]], batch_size: int, seq_len: int) -> dict:
-    """Pack (ids, mask) examples into one padded batch of `batch_size` rows and length `seq_len`.
-
-    Rows past len(examples) and positions past each example's end are padding: token 0 and weight 0.
-    weights[j, t] = mask[t + 1], the mask of the *target* token, so the prompt and pad -> pad targets
-    carry no loss and no accuracy.
-    """
-    inputs = np.zeros((batch_size, seq_len), np.int32)
-    targets = np.zeros((batch_size, seq_len), np.int32)
-    weights = np.zeros((batch_size, seq_len), np.float32)
-    for row, (ids, mask) in enumerate(examples):
-        n = min(len(ids) - 1, seq_len)
-        inputs[row, :n] = ids[:n]
-        targets[row, :n] = ids[1:n + 1]
-        weights[row, :n] = mask[1:n + 1]
-    return {"inputs": inputs, "targets": targets, "weights": weights}
-
-
-class FinetuneData:
-    """Tokenized MathQA training and validation examples and their batches (order: a function of seed, step)."""
+class FinetuneData(sft.ExampleBatches):
+    """Tokenized MathQA training and validation examples and their batches (order: a function of seed, step):
+    `format_prompt` / `format_target` pairs through `sft.tokenize_example`, batched by `sft.ExampleBatches`
+    (`packing`: several examples per row)."""
 
     def __init__(self, questions: dict[str, list[Question]], tokenizer, *, max_length: int, pad_multiple: int,
-                 rationale: bool = False):
-        self.max_length, self.pad_multiple = max_length, pad_multiple
-
+                 rationale: bool = False, packing: bool = False):
         def encode(qs):
             return [tokenize_example(tokenizer, format_prompt(q), format_target(q, rationale), max_length) for q in qs]
 
-        self.train = encode(questions["train"])
-        self.val = encode(questions["val"])
-
-    def _batch(self, examples, batch_size: int) -> dict:
-        seq_len = padded_length((len(ids) for ids, _ in examples), self.pad_multiple, self.max_length)
-        return make_batch(examples, batch_size, seq_len)
-
-    def train_batch(self, *, seed: int, step: int, batch_size: int, grad_accum: int) -> dict:
-        """Batch of optimizer step `step`: arrays [K, B, L], examples drawn without replacement per epoch."""
-        n, total = len(self.train), batch_size * grad_accum
-        samples = step * total + np.arange(total)
-        rows = [self.train[_epoch_order(seed, int(s // n), n)[s % n]] for s in samples]
-        batch = self._batch(rows, total)
-        return {name: a.reshape(grad_accum, batch_size, *a.shape[1:]) for name, a in batch.items()}
-
-    def val_batches(self, batch_size: int, max_batches: int = 0) -> list[dict]:
-        """Validation examples in order, in batches of `batch_size` (the last one padded with weight-0 rows)."""
-        batches = [self._batch(self.val[i:i + batch_size], batch_size) for i in range(0, len(self.val), batch_size)]
-        return batches[:max_batches] if max_batches else batches
-
-
-@functools.lru_cache(maxsize=2)
-def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    order = np.random.default_rng([seed, epoch, 7]).permutation(n)
-    order.flags.writeable = False
-    return order
+        super().__init__(encode(questions["train"]), encode(questions["val"]), max_length=max_length,
+                         pad_multiple=pad_multiple, packing=packing)

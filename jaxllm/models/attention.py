@@ -12,6 +12,9 @@ h // R, R = H / G):
   `__cudnn$fmha*` custom calls): bf16/fp16 only, head size a multiple of 8 and <= 128 (<= 256 from Hopper,
   compute capability 9.0), compute capability >= 8.0, no attention dropout (JAX's API takes none).
 
+Packed batches (several examples per row, `segment_ids_BxL`) mask attention to each example: "jaxllm" and
+"xla" take the segment mask, "cudnn" hands such a batch to "xla" (`causal_attention`).
+
 Decoding with a KV cache (generation, MathQA scoring) runs `cached_attention` whatever the request: T new
 queries attend to the S positions of a cache under a mask, not the square causal shape the three kernels
 take.
@@ -119,19 +122,30 @@ def resolve(model_cfg) -> str:
 
 
 def causal_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, impl: str,
-                     keep_BxHxLxL: jax.Array | None = None, dropout: float = 0.0) -> jax.Array:
+                     keep_BxHxLxL: jax.Array | None = None, dropout: float = 0.0,
+                     segment_ids_BxL: jax.Array | None = None) -> jax.Array:
     """Causal attention [B, L, H, K] in q's dtype through implementation `impl` (see `attention_impl`).
 
     `keep_BxHxLxL` (the attention-dropout mask) only with "jaxllm". jax's layout [B, T, N, H] is ours, and
     its grouped heads (query head n uses key/value head n // (N / K)) are our R consecutive query heads.
+
+    `segment_ids_BxL` (int32; packed examples, 0 = padding) restricts each query to the keys of its own
+    segment as well. "jaxllm" masks the scores itself; "xla" gets the same-segment mask as `mask=`. jax 0.10's
+    public `jax.nn.dot_product_attention` has no segment input for cuDNN (its packed-segment offsets live in
+    the private jax._src.cudnn API, and a `mask=` there becomes a dense [B, 1, L, L] bias), so "cudnn" runs
+    packed batches through "xla"; without segment ids it runs as always.
     """
     if impl == "jaxllm":
-        return primitives.causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, keep_BxHxLxL, dropout)
+        return primitives.causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, keep_BxHxLxL, dropout, segment_ids_BxL)
     if impl not in ("xla", "cudnn"):
         raise ValueError(f"attention implementation '{impl}'; choose one of {', '.join(IMPLEMENTATIONS)}")
     if keep_BxHxLxL is not None:
         raise ValueError(f"attention dropout needs the jaxllm implementation, not '{impl}'")
-    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True, implementation=impl)
+    if segment_ids_BxL is None:
+        return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True, implementation=impl)
+    same_Bx1xLxL = (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=same_Bx1xLxL, is_causal=True,
+                                        implementation="xla")
 
 
 def cached_attention(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, positions_T: jax.Array,

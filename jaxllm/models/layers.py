@@ -169,14 +169,18 @@ def rope_angles(positions_L: jax.Array, head_dim: int, theta: float,
 def apply_rope(x_BxLxNxK: jax.Array, cos_LxHalf: jax.Array, sin_LxHalf: jax.Array) -> jax.Array:
     """Rotate each adjacent pair (2i, 2i+1) of every head's K dims by angle(position, i).
 
-    x is [B, L, N, K] with any number N of heads; the rotation is done in float32 and the result is
-    returned in x's dtype.
+    x is [B, L, N, K] with any number N of heads; the angles are [L, K/2] (one position per index, shared
+    by the batch) or [B, L, K/2] (each row its own positions: packed examples). The rotation is done in
+    float32 and the result is returned in x's dtype.
     """
     b, l, n, k = x_BxLxNxK.shape
     x_BxLxNxHalfx2 = x_BxLxNxK.astype(jnp.float32).reshape(b, l, n, k // 2, 2)
     x0, x1 = x_BxLxNxHalfx2[..., 0], x_BxLxNxHalfx2[..., 1]
-    cos = cos_LxHalf[None, :, None, :]
-    sin = sin_LxHalf[None, :, None, :]
+    if cos_LxHalf.ndim == 3:  # [B, L, K/2]
+        cos, sin = cos_LxHalf[:, :, None, :], sin_LxHalf[:, :, None, :]
+    else:
+        cos = cos_LxHalf[None, :, None, :]
+        sin = sin_LxHalf[None, :, None, :]
     rotated_BxLxNxHalfx2 = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
     return rotated_BxLxNxHalfx2.reshape(b, l, n, k).astype(x_BxLxNxK.dtype)
 
@@ -194,6 +198,11 @@ class CausalSelfAttention(nn.Module):
     attend to every cached position up to their own (`attention.cached_attention`, `start_B` hiding a
     left-padded row's padding). Returns (output, the updated cache) then; without a cache the output alone,
     by the training code path unchanged.
+
+    Packed rows (training only): `segment_ids_BxL` (int32, 1.. per example, 0 = padding) keeps each query
+    to the keys of its own example, and `positions_BxL` (int32, restarting at 0 at each example) gives RoPE
+    each token's position within its example, so a packed example computes what it would alone. Without
+    them (None) the attention is the plain causal one over positions 0 .. L-1, op for op.
     """
 
     n_head: int
@@ -211,8 +220,11 @@ class CausalSelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, deterministic: bool = True, cache: dict | None = None,
-                 position: jax.Array | None = None, start_B: jax.Array | None = None):
+                 position: jax.Array | None = None, start_B: jax.Array | None = None,
+                 segment_ids_BxL: jax.Array | None = None, positions_BxL: jax.Array | None = None):
         b, l, d = x_BxLxD.shape
+        if cache is not None and (segment_ids_BxL is not None or positions_BxL is not None):
+            raise ValueError("packed rows (segment_ids_BxL, positions_BxL) are for training, not KV-cache decoding")
         h, g = self.n_head, self.n_kv_head
         k = self.head_dim or d // h
         proj = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -220,7 +232,12 @@ class CausalSelfAttention(nn.Module):
         k_BxLxGxK = proj(g * k, self.init_std, name="k")(x_BxLxD).reshape(b, l, g, k)
         v_BxLxGxK = proj(g * k, self.init_std, name="v")(x_BxLxD).reshape(b, l, g, k)
         positions_L = None if cache is None else position + jnp.arange(l)  # decoding: where the tokens sit
-        if self.use_rope:
+        if self.use_rope and positions_BxL is not None:
+            cos_BLxHalf, sin_BLxHalf = rope_angles(positions_BxL.reshape(-1), k, self.rope_theta, self.rope_scaling)
+            cos_LxHalf, sin_LxHalf = cos_BLxHalf.reshape(b, l, -1), sin_BLxHalf.reshape(b, l, -1)  # [B, L, K/2]
+            q_BxLxHxK = apply_rope(q_BxLxHxK, cos_LxHalf, sin_LxHalf)
+            k_BxLxGxK = apply_rope(k_BxLxGxK, cos_LxHalf, sin_LxHalf)
+        elif self.use_rope:
             cos_LxHalf, sin_LxHalf = rope_angles(jnp.arange(l) if cache is None else positions_L, k, self.rope_theta,
                                                   self.rope_scaling)
             q_BxLxHxK = apply_rope(q_BxLxHxK, cos_LxHalf, sin_LxHalf)
@@ -235,7 +252,7 @@ class CausalSelfAttention(nn.Module):
         if self.dropout > 0 and not deterministic:
             keep_BxHxLxL = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout, (b, h, l, l))
         out_BxLxHxK = attention_lib.causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, self.attention,
-                                                     keep_BxHxLxL, self.dropout)
+                                                     keep_BxHxLxL, self.dropout, segment_ids_BxL)
         return proj(d, self.out_std, name="o")(out_BxLxHxK.reshape(b, l, h * k))
 
 

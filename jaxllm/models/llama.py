@@ -50,8 +50,10 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, deterministic: bool = True, cache: dict | None = None,
-                 position: jax.Array | None = None, start_B: jax.Array | None = None):
-        """x [B, L, D] -> x; with a KV `cache` (decoding, layers.CausalSelfAttention): (x, updated cache)."""
+                 position: jax.Array | None = None, start_B: jax.Array | None = None,
+                 segment_ids_BxL: jax.Array | None = None, positions_BxL: jax.Array | None = None):
+        """x [B, L, D] -> x; with a KV `cache` (decoding, layers.CausalSelfAttention): (x, updated cache).
+        `segment_ids_BxL` / `positions_BxL`: packed rows (layers.CausalSelfAttention)."""
         out_std = layers.residual_std(self.init_std, self.n_layer)
         norm = dict(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         attn = layers.CausalSelfAttention(
@@ -71,8 +73,10 @@ class Block(nn.Module):
                                  dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")
         x_BxLxD = x_BxLxD.astype(self.residual_dtype)
         h_BxLxD = layers.RMSNorm(**norm, name="attn_norm")(x_BxLxD)
-        if cache is None:
+        if cache is None and segment_ids_BxL is None and positions_BxL is None:
             h_BxLxD = attn(h_BxLxD, deterministic)
+        elif cache is None:
+            h_BxLxD = attn(h_BxLxD, deterministic, None, None, None, segment_ids_BxL, positions_BxL)
         else:
             h_BxLxD, cache = attn(h_BxLxD, deterministic, cache, position, start_B)
         h_BxLxD = h_BxLxD.astype(self.residual_dtype)
@@ -93,6 +97,11 @@ class Llama(nn.Module):
     skips `remat` (no backward pass) and routes MoE layers dropless.
     The residual stream between blocks is `residual_dtype` (layers.py's dtype policy); `attention` is the
     resolved attention kernel (models/attention.py; `models.build_model` resolves the config's request).
+
+    Packed rows (training, several examples per row): `segment_ids_BxL` (int32, 1.. per example, 0 =
+    padding) confines attention to each example and `positions_BxL` (int32, 0 at each example's start)
+    sets RoPE's positions, so every example's logits are those it would get alone in a row. Both None:
+    the plain forward, unchanged.
     """
 
     vocab_size: int
@@ -117,7 +126,8 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True, return_hidden: bool = False,
-                 cache: tuple | None = None, position: jax.Array | None = None, start_B: jax.Array | None = None):
+                 cache: tuple | None = None, position: jax.Array | None = None, start_B: jax.Array | None = None,
+                 segment_ids_BxL: jax.Array | None = None, positions_BxL: jax.Array | None = None):
         embed = layers.Embed(self.vocab_size, self.n_embd, std=self.init_std, dtype=self.residual_dtype,
                              param_dtype=self.param_dtype, name="embed")
         x_BxLxD = nn.Dropout(self.dropout)(embed(tokens_BxL), deterministic=deterministic)
@@ -131,8 +141,10 @@ class Llama(nn.Module):
                               moe=self.moe if self.moe is not None and self.moe.is_moe_layer(i) else None,
                               attention=self.attention, residual_dtype=self.residual_dtype,
                               head_dim=self.head_dim, rope_scaling=self.rope_scaling, name=f"blocks_{i}")
-            if cache is None:
+            if cache is None and segment_ids_BxL is None and positions_BxL is None:
                 x_BxLxD = block(x_BxLxD, deterministic)
+            elif cache is None:  # positional: nn.remat's static_argnums count positions
+                x_BxLxD = block(x_BxLxD, deterministic, None, None, None, segment_ids_BxL, positions_BxL)
             else:
                 x_BxLxD, layer_cache = block(x_BxLxD, deterministic, cache[i], position, start_B)
                 new_cache.append(layer_cache)

@@ -81,13 +81,17 @@ linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 def causal_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
-                     keep_BxHxLxL: jax.Array | None = None, dropout: float = 0.0) -> jax.Array:
+                     keep_BxHxLxL: jax.Array | None = None, dropout: float = 0.0,
+                     segment_ids_BxL: jax.Array | None = None) -> jax.Array:
     """softmax(q k^T / sqrt(K) + causal mask) v per head, in q's dtype: [B, L, H, K].
 
     Query head h uses key/value head h // R (R = H / G query heads per key/value head, the PyTorch
     repeat_interleave convention). Scores, softmax and their gradients are float32; the matmuls take
     q's dtype with float32 accumulation. `keep_BxHxLxL` (bool), when given, is the attention-dropout mask:
-    kept probabilities are scaled by 1 / (1 - dropout).
+    kept probabilities are scaled by 1 / (1 - dropout). `segment_ids_BxL` (int32), when given, also masks
+    every key of another segment (packed examples: a query sees only the earlier tokens of its own example;
+    padding, segment 0, sees only padding, so no row is fully masked). Without it the computation is the
+    plain causal one, op for op.
 
     The R query heads that share a key/value head are stacked into one [R * L, K] block, so that every
     matmul is one batched [B, G] product with K and V used as they are.
@@ -103,7 +107,7 @@ def causal_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.
         scale_BxGxNxL = jnp.where(keep_BxGxNxL, 1.0 / (1.0 - dropout), 0.0).astype(jnp.float32)
     else:
         scale_BxGxNxL = None
-    out_BxGxNxK = _attention(q_BxGxNxK, k_BxGxLxK, v_BxGxLxK, scale_BxGxNxL)
+    out_BxGxNxK = _attention(q_BxGxNxK, k_BxGxLxK, v_BxGxLxK, scale_BxGxNxL, segment_ids_BxL)
     return out_BxGxNxK.reshape(b, g, r, l, k).transpose(0, 3, 1, 2, 4).reshape(b, l, h, k)
 
 
@@ -112,22 +116,33 @@ def _causal_mask(n: int, l: int) -> jax.Array:
     return (jnp.arange(n) % l)[:, None] >= jnp.arange(l)[None, :]
 
 
-def _probs(q_BxGxNxK, k_BxGxLxK):
-    """Attention probabilities [B, G, N, L] in float32 (0 above the diagonal)."""
+def _segment_mask(segment_ids_BxL: jax.Array, n: int) -> jax.Array:
+    """[B, 1, N, L] bool: row i (query position i mod L, the R heads stacked) may attend to key positions <= it
+    of its own segment."""
+    l = segment_ids_BxL.shape[1]
+    query_segment_BxN = segment_ids_BxL[:, jnp.arange(n) % l]
+    same_BxNxL = query_segment_BxN[:, :, None] == segment_ids_BxL[:, None, :]
+    return (_causal_mask(n, l)[None] & same_BxNxL)[:, None]
+
+
+def _probs(q_BxGxNxK, k_BxGxLxK, segment_ids_BxL=None):
+    """Attention probabilities [B, G, N, L] in float32 (0 above the diagonal and, with segment ids, outside
+    the query's segment)."""
     n, l = q_BxGxNxK.shape[2], k_BxGxLxK.shape[2]
     scores_BxGxNxL = _matmul(q_BxGxNxK, transposed(k_BxGxLxK)) / math.sqrt(q_BxGxNxK.shape[-1])
-    scores_BxGxNxL = jnp.where(_causal_mask(n, l), scores_BxGxNxL, jnp.finfo(jnp.float32).min)
+    visible = _causal_mask(n, l) if segment_ids_BxL is None else _segment_mask(segment_ids_BxL, n)
+    scores_BxGxNxL = jnp.where(visible, scores_BxGxNxL, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(scores_BxGxNxL, axis=-1)
 
 
 @jax.custom_vjp
-def _attention(q_BxGxNxK, k_BxGxLxK, v_BxGxLxK, scale_BxGxNxL):
-    return _attention_fwd(q_BxGxNxK, k_BxGxLxK, v_BxGxLxK, scale_BxGxNxL)[0]
+def _attention(q_BxGxNxK, k_BxGxLxK, v_BxGxLxK, scale_BxGxNxL, segment_ids_BxL):
+    return _attention_fwd(q_BxGxNxK, k_BxGxLxK, v_BxGxLxK, scale_BxGxNxL, segment_ids_BxL)[0]
 
 
-def _attention_fwd(q_BxGxNxK, k_BxGxLxK, v_BxGxLxK, scale_BxGxNxL):
+def _attention_fwd(q_BxGxNxK, k_BxGxLxK, v_BxGxLxK, scale_BxGxNxL, segment_ids_BxL):
     dtype = q_BxGxNxK.dtype
-    probs_BxGxNxL = _probs(q_BxGxNxK, k_BxGxLxK)
+    probs_BxGxNxL = _probs(q_BxGxNxK, k_BxGxLxK, segment_ids_BxL)
     used_BxGxNxL = probs_BxGxNxL if scale_BxGxNxL is None else probs_BxGxNxL * scale_BxGxNxL
     out_BxGxNxK = _matmul(used_BxGxNxL.astype(dtype), v_BxGxLxK).astype(dtype)
     return out_BxGxNxK, (q_BxGxNxK, k_BxGxLxK, v_BxGxLxK, scale_BxGxNxL, probs_BxGxNxL)
@@ -150,9 +165,9 @@ def _attention_bwd(residuals, dout_BxGxNxK):
     dq_BxGxNxK = _matmul(dscores_BxGxNxL, k_BxGxLxK)
     dk_BxGxLxK = _matmul(transposed(dscores_BxGxNxL), q_BxGxNxK)
     dv_BxGxLxK = _matmul(transposed(used_BxGxNxL.astype(dtype)), dout_BxGxNxK)
-    # The dropout scale is data (a mask): None is its zero cotangent, whether or not there is one.
+    # The dropout scale and the segment ids are data (masks): None is their zero cotangent.
     return (dq_BxGxNxK.astype(dtype), dk_BxGxLxK.astype(k_BxGxLxK.dtype), dv_BxGxLxK.astype(v_BxGxLxK.dtype),
-            None)
+            None, None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
