@@ -361,6 +361,11 @@ def test_killed_qlora_finetune_resumes_exactly_and_exports_its_merged_model(tmp_
         patch.setattr(step_lib, "compile_train_step", dying)
         with pytest.raises(Killed):
             train_lib.main(stage_args(tmp_path / "resumed", hf_dir))
+
+    def no_fresh_start(*args, **kwargs):
+        raise AssertionError("the resumed fine-tune started again from its init_from instead of its checkpoint")
+
+    monkeypatch.setattr(finetune_lib, "initial_params", no_fresh_start)
     assert train_lib.main(stage_args(tmp_path / "resumed", hf_dir)) == 0
     for split in ("train", "val", "memory"):
         assert rows(tmp_path / "straight", split) == rows(tmp_path / "resumed", split), split

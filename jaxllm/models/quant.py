@@ -34,13 +34,15 @@ the 7 negative ones -Phi^-1 of linspace(delta, 0.5, 8)[:-1], plus 0; all 16 divi
 `create_normal_map(0.9677083)`); tests/test_qlora.py rebuilds it from the inverse normal CDF.
 
 A library instead? qwix 0.1.8 (Google's JAX quantization library) has NF4 and LoRA for Flax. Measured here
-(tests/test_qlora.py's inputs, a [256, 512] kernel): its NF4 levels are the same 16 numbers and, with
-tiles of 64 along the input axis, its codes and scales equal bitsandbytes' on the transposed (torch-layout)
-weight, but it has no double quantization (a float32 scale per 64 weights: 4.5 bits, not 4.127), and its
-LoRA and quantized matmuls work by intercepting `jax.lax.dot_general` / `jnp.einsum` / `nn.Dense` calls:
-jaxllm's Dense calls `primitives.linear`, a custom VJP, whose backward qwix cannot see, so adapters inside
-it would get no gradient; using qwix would mean giving up those hand-written CPU backward passes. The
-format itself is ~100 lines, so jaxllm keeps its own, tested against bitsandbytes' CPU path.
+on a random [256, 512] kernel: its NF4 levels are these 16 numbers and, with tiles of 64 along the input
+axis, its codes, scales and dequantized weights equal bitsandbytes' (no double quantization) on the
+transposed, torch-layout weight exactly (max difference 0.0). But it has no double quantization (a float32
+scale per 64 weights: 4.5 bits, not 4.127), stores codes as jnp.uint4, and its quantized matmuls and LoRA work
+by intercepting `jax.lax.dot_general`, `jnp.einsum`, `jnp.dot` and `Module.param` while the model runs:
+jaxllm's Dense calls `primitives.linear`, a custom VJP, so qwix would swap the dot inside its forward while
+the hand-written backward stayed ours and never saw the adapters (no gradient reaches them); using qwix
+would mean giving up those CPU backward passes. The format is ~100 lines, so jaxllm keeps its own, tested
+against bitsandbytes' CPU path (tests/test_qlora.py).
 """
 
 from __future__ import annotations
