@@ -424,6 +424,8 @@ def _validate_moe(config: ml_collections.ConfigDict) -> None:
                                   "finetune stage's batches are padded to; change one of them or set moe.group_size=0")
     for path in ("moe.aux_loss_coef", "moe.z_loss_coef"):
         _positive(e[path.split(".")[1]], path, allow_zero=True)
+
+
 def _validate_qlora(config) -> None:
     """finetune.lora's quantize, init and loftq_iters (configs saved before they existed: defaults)."""
     lora = config.finetune.lora
