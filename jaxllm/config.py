@@ -31,6 +31,8 @@ MOE_MODES = ("dropless", "capacity")
 STAGES = ("pretrain", "finetune")
 MATHQA_SOURCES = ("synthetic", "hub", "local")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_QUANTIZE = ("none", "nf4", "int8")  # models/quant.py
+LORA_INITS = ("default", "loftq")
 ASYNC_CHECKPOINT = ("auto", "on", "off")
 FINETUNE_DATA = ("mathqa", "sft")
 SFT_SOURCES = ("local", "hub")
@@ -183,10 +185,16 @@ def default_config() -> ml_collections.ConfigDict:
     f.train.checkpoint_every = 200
     f.train.max_duration_s = 3600.0  # the hackathon's fine-tuning hour
     f.lora = lr = ml_collections.ConfigDict()
+    # LoRA / QLoRA (jaxllm/models/lora.py). Unsloth's starting point: rank=16, alpha=16, dropout=0, all seven
+    # targets (alpha and targets are the defaults here; rank 0 keeps full fine-tuning the default).
     lr.rank = 0  # 0 = full fine-tuning; > 0 = LoRA adapters of this rank, base weights frozen
-    lr.alpha = 16.0  # adapter output scaled by alpha / rank
+    lr.alpha = 16.0  # adapter output scaled by alpha / rank (rslora: alpha / sqrt(rank))
     lr.dropout = 0.0  # dropout on the adapters' input
     lr.targets = "q,k,v,o,gate,up,down"  # comma-separated, from LORA_TARGETS
+    lr.rslora = False  # rank-stabilised LoRA: scale alpha / sqrt(rank) instead of alpha / rank
+    lr.quantize = "none"  # QLoRA: store the frozen base's q,k,v,o,gate,up,down kernels as LORA_QUANTIZE (llama)
+    lr.init = "default"  # adapters: "default" (b = 0) or "loftq" (fitted to the quantization error; needs quantize)
+    lr.loftq_iters = 1  # LoftQ alternations of quantize / rank-r SVD (PEFT's default; the first gives most of it)
 
     # Your own instruction data for the finetune stage (finetune.data=sft; jaxllm/data/sft.py). Rows are
     # {"prompt", "completion"} (plain text) or {"messages": [{"role": system|user|assistant, "content"}, ...]}
@@ -442,6 +450,30 @@ def _validate_moe(config: ml_collections.ConfigDict) -> None:
                                   "finetune stage's batches are padded to; change one of them or set moe.group_size=0")
     for path in ("moe.aux_loss_coef", "moe.z_loss_coef"):
         _positive(e[path.split(".")[1]], path, allow_zero=True)
+
+
+def _validate_qlora(config) -> None:
+    """finetune.lora's quantize, init and loftq_iters (configs saved before they existed: defaults)."""
+    lora = config.finetune.lora
+    quantize, init = lora.get("quantize", "none"), lora.get("init", "default")
+    _choice(quantize, LORA_QUANTIZE, "finetune.lora.quantize")
+    _choice(init, LORA_INITS, "finetune.lora.init")
+    if int(lora.get("loftq_iters", 1)) < 1:
+        raise ConfigError(f"finetune.lora.loftq_iters is {lora.loftq_iters}; it must be at least 1")
+    if quantize != "none" and not lora.rank:
+        raise ConfigError(f"finetune.lora.quantize={quantize} stores the frozen base of a LoRA fine-tune; set "
+                          "finetune.lora.rank > 0 (e.g. 16) or finetune.lora.quantize=none")
+    if quantize != "none" and config.model.name != "llama":
+        raise ConfigError(f"finetune.lora.quantize={quantize} is implemented for llama only; set finetune.lora.quantize=none")
+    if quantize != "none" and config.moe.n_experts:
+        raise ConfigError(f"finetune.lora.quantize={quantize} does not quantize mixture-of-experts weights (the "
+                          "experts' stacked kernels would be dequantized whole); set moe.n_experts=0 or "
+                          "finetune.lora.quantize=none")
+    if init == "loftq" and quantize == "none":
+        raise ConfigError("finetune.lora.init=loftq fits the adapters to the quantization error, so it needs "
+                          "finetune.lora.quantize=nf4 or int8; use finetune.lora.init=default without quantization")
+
+
 def _validate_stages(config) -> None:
     """The stage list, the mathqa section, LoRA, and the finetune stage's own optim/train values."""
     names = stage_names(config)
@@ -486,6 +518,7 @@ def _validate_stages(config) -> None:
                           "kernels (gate, up, down adapt the expert weights themselves); set finetune.lora.dropout=0 "
                           "or finetune.lora.targets=q,k,v,o")
     _validate_sft(config, "finetune" in names)
+    _validate_qlora(config)
     if "finetune" in names:
         if "pretrain" not in names and not config.finetune.init_from:
             raise ConfigError("stages has finetune without pretrain, so finetune.init_from must name a checkpoint "

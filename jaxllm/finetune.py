@@ -51,7 +51,7 @@ def build(config):
     optimizer, schedule = optim.make_optimizer(config), optim.make_schedule(config)
     lora = config.finetune.lora
     if lora.rank:
-        model = lora_lib.LoraModel(model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets)
+        model = lora_lib.wrap(model, lora)
         optimizer = lora_lib.frozen_base_optimizer(optimizer)
     return model, optimizer, schedule
 
@@ -60,7 +60,8 @@ def initial_params(config, init_from: str | pathlib.Path):
     """The params of checkpoint `init_from` (any stage's), or of an imported model (`hf:PATH_OR_REPO`,
     `gguf:FILE`: jaxllm/pretrained.py), checked against the configured model (float32).
 
-    LoRA adapters in it are merged; with `finetune.lora.rank > 0` fresh adapters are added on top.
+    LoRA adapters in it are merged (a quantized base dequantized); with `finetune.lora.rank > 0` the base is
+    then quantized as `finetune.lora.quantize` says and adapters are added on top (fresh, or LoftQ's).
     """
     if pretrained.is_external(init_from):  # hf:PATH or gguf:FILE; train.main adopted its model section
         folder, step = init_from, "import"
@@ -74,7 +75,7 @@ def initial_params(config, init_from: str | pathlib.Path):
             params = checkpointer.restore_params(step)
         finally:
             checkpointer.close()
-        params = lora_lib.merge(params, config.finetune.lora.alpha)
+        params = lora_lib.merge(params, config.finetune.lora)
     expected = models.abstract_params(config.model, config.moe)
     mismatched = [f"{jax.tree_util.keystr(path)} {getattr(leaf, 'shape', None)}"
                   for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]
@@ -83,11 +84,10 @@ def initial_params(config, init_from: str | pathlib.Path):
         raise FinetuneError(f"the checkpoint {folder}/{step} does not fit model {config.model.name}: "
                             f"{', '.join(mismatched[:5]) or 'different parameter names'}; use the same model settings")
     params = jax.tree.map(lambda p, e: jnp.asarray(p, e.dtype), params, expected)
-    if config.finetune.lora.rank:
-        model = lora_lib.LoraModel(models.build(config), rank=config.finetune.lora.rank,
-                                   alpha=config.finetune.lora.alpha, dropout=config.finetune.lora.dropout,
-                                   targets=config.finetune.lora.targets)
-        params = {"base": params, "lora": model.init_adapters(jax.random.key(config.seed), params)}
+    lora = config.finetune.lora
+    if lora.rank:
+        params = lora_lib.wrap(models.build(config), lora).adapt(jax.random.key(config.seed), params, init=lora.init,
+                                                                 loftq_iters=lora.loftq_iters)
     return params
 
 
@@ -198,7 +198,7 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
         summary["val_full"] = writer.write(step_number, "val", {**full, "full": True}, tag="val_full")
     params = state.params
     if lora_lib.is_lora(params):
-        params = lora_lib.merge(params, config.finetune.lora.alpha)
+        params = lora_lib.merge(params, config.finetune.lora)
         _export(workdir / "export", params)
     if questions is None:  # finetune.data=sft: the validation loss above is the stage's measure
         writer.close()

@@ -81,14 +81,14 @@ def stage_dir(workdir: pathlib.Path) -> pathlib.Path:
 
 
 def load_params(run_dir: pathlib.Path, config):
-    """Params of the newest checkpoint in `run_dir` (LoRA adapters merged), as saved (float32)."""
+    """Params of the newest checkpoint in `run_dir` (LoRA adapters merged, a QLoRA base dequantized), float32."""
     folder, step = checkpoint_lib.locate(run_dir)
     checkpointer = checkpoint_lib.Checkpointer(folder, read_only=True)
     try:
         params = checkpointer.restore_params(step)
     finally:
         checkpointer.close()
-    params = lora_lib.merge(params, config.finetune.lora.alpha)
+    params = lora_lib.merge(params, config.finetune.lora)
     return jax.tree.map(jnp.asarray, params), step
 
 

@@ -43,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 from jaxllm import loss as loss_lib
 from jaxllm import models
 from jaxllm import sharding
+from jaxllm.models import lora as lora_lib
 from jaxllm.models import moe as moe_lib
 
 Batch = dict[str, jax.Array]
@@ -121,12 +122,16 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
     sharded = mesh is not None and mesh.size > 1
 
     def grads_and_sums(params, micro: Batch, key):
+        """LoRA params ({"base", "lora"}): only the adapters are differentiated, the frozen base is closed
+        over (a QLoRA base holds integer codes, which jax.grad refuses), so the grads are {"lora": ...}."""
+        lora = lora_lib.is_lora(params)
+
         def objective(p):
-            sums, moe_sums = _loss_sums(model, config, p, micro, key)
+            sums, moe_sums = _loss_sums(model, config, {"base": params["base"], "lora": p} if lora else p, micro, key)
             return sums.loss, (sums, moe_sums)
 
-        (_, (sums, moe_sums)), grads = jax.value_and_grad(objective, has_aux=True)(params)
-        return grads, sums, moe_sums
+        (_, (sums, moe_sums)), grads = jax.value_and_grad(objective, has_aux=True)(params["lora"] if lora else params)
+        return ({"lora": grads} if lora else grads), sums, moe_sums
 
     def accumulated_sums(params, batch: Batch, step_key):
         """(grads, LossSums, MoE sums) of the objective's token sums, added over the K micro-batches."""
@@ -172,13 +177,16 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
         # micro-batches (and devices), exactly what one big batch would give.
         weight = jnp.maximum(sums.weight, 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
+        grad_norm = optax.tree.norm(grads)
+        if lora_lib.is_lora(state.params):  # the frozen base: zeros, which its set_to_zero optimizer ignores
+            grads = {"base": jax.tree.map(jnp.zeros_like, state.params["base"]), "lora": grads["lora"]}
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": sums.nll / weight,
             "objective": sums.loss / weight,
             "accuracy": sums.correct / weight,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "lr": schedule(state.step),
             **{name: value / weight for name, value in moe_sums.items()},
         }

@@ -76,7 +76,7 @@ def test_merged_weights_give_the_same_logits(n_experts):
         assert params["lora"]["blocks_0/mlp/w2"]["b"].shape == (4, 4, 32)
     params = trained_adapters(params)
     adapted = model.apply({"params": params}, tokens)
-    merged = base.apply({"params": lora_lib.merge(params, alpha=8.0)}, tokens)
+    merged = base.apply({"params": lora_lib.merge(params, {"alpha": 8.0})}, tokens)
     assert not np.allclose(adapted, base.apply({"params": params["base"]}, tokens), atol=1e-3)
     np.testing.assert_allclose(merged, adapted, atol=2e-5, rtol=1e-5)
 
@@ -107,7 +107,7 @@ def test_lora_model_decodes_with_the_kv_cache(n_experts):
         return np.concatenate([first, rest], axis=1)
 
     np.testing.assert_allclose(cached(model, {"params": params}), full, atol=2e-5, rtol=1e-5)
-    merged = {"params": lora_lib.merge(params, alpha=8.0)}
+    merged = {"params": lora_lib.merge(params, {"alpha": 8.0})}
     np.testing.assert_allclose(cached(base, merged), full, atol=2e-5, rtol=1e-5)
 
 
