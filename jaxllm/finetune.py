@@ -132,7 +132,7 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
     else:
         checkpointer.check_compatible(latest, m)
         checkpoint_lib.check_moe_compatible(checkpointer, latest, config)
-        abstract = jax.eval_shape(lambda: _fresh_state(model, optimizer, config))
+        abstract = jax.eval_shape(lambda: fresh_state(model, optimizer, config))
         state, meta = checkpointer.restore(latest, abstract, jax.tree.map(lambda _: replicated, abstract))
     opt_bytes, param_bytes = lora_lib.tree_bytes(state.opt_state), lora_lib.tree_bytes(state.params)
     start_step = int(jax.device_get(state.step))
@@ -260,7 +260,9 @@ def build_train_step(config, mesh):
     return step_lib.compile_train_step(step_lib.make_train_step(model, optimizer, schedule, config, mesh), mesh)
 
 
-def _fresh_state(model, optimizer, config) -> step_lib.TrainState:
+def fresh_state(model, optimizer, config) -> step_lib.TrainState:
+    """A fresh stage state from random weights (`config.seed`): what a resume's abstract shapes (and
+    scripts/bench.py's fine-tune figures) are read from; with LoRA the base comes quantized as configured."""
     tokens_1xL = jnp.zeros((1, config.model.sequence_length), jnp.int32)
     params = model.init(jax.random.key(config.seed), tokens_1xL)["params"]
     return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))

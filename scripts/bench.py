@@ -31,6 +31,12 @@ Both lines end with what the compiled step costs each device (jaxllm/hlo.py):
                            bytes per optimizer step, parsed from the compiled HLO, loops counted per trip
   collective_counts        how many of each per optimizer step, counted the same way
 
+`--stage finetune` measures the fine-tune stage's step instead (`finetune.optim` / `finetune.train`, and with
+`finetune.lora.rank > 0` the LoRA model, its frozen-base optimizer and, with `finetune.lora.quantize`, the
+quantized base: jaxllm/finetune.py's `build`), on the same random tokens with every target trained. Both
+lines then also give the state's own sizes, which do not depend on the backend: `params_mb` (all params as
+stored: a QLoRA base at 4.127 bits per weight), `trainable_mb` and `opt_state_mb`.
+
 `--num_devices N` runs on a mesh of N devices (sets train.num_devices); on CPU, N > 1 simulates N host
 devices (XLA_FLAGS=--xla_force_host_platform_device_count=N, set before jax is imported, hence the argv
 scan at the top of this file): `python scripts/bench.py --config configs/bench_cpu.py --num_devices 4
@@ -68,8 +74,10 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a checkout
 
 from jaxllm import config as config_lib  # noqa: E402
+from jaxllm import finetune as finetune_lib  # noqa: E402
 from jaxllm import hardware, hlo, hugepages, models, optim, sharding, step as step_lib  # noqa: E402
 from jaxllm.data import batches as batches_lib  # noqa: E402
+from jaxllm.models import lora as lora_lib  # noqa: E402
 
 
 def parse_args(argv):
@@ -78,6 +86,8 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (compiling) one")
     parser.add_argument("--compile_only", action="store_true", help="print XLA's memory analysis, run nothing")
+    parser.add_argument("--stage", default="pretrain", choices=("pretrain", "finetune"),
+                        help="finetune: the fine-tune stage's step (LoRA/QLoRA as finetune.lora says)")
     parser.add_argument("--num_devices", type=int, default=None,
                         help="devices in the mesh (train.num_devices); on CPU, N > 1 simulates N host devices")
     args, rest = parser.parse_known_args(argv)
@@ -87,18 +97,34 @@ def parse_args(argv):
     return args, [item[len("--config."):] for item in rest]
 
 
+def step_parts(config):
+    """(model, optimizer, schedule, fresh state function) of the config's stage: `config.stages` is "pretrain"
+    (the model and optimizer `jaxllm.train` builds) or "finetune" (a stage config: jaxllm/finetune.py's
+    `build`, LoRA and a quantized base included)."""
+    if config.stages == "finetune":
+        model, optimizer, schedule = finetune_lib.build(config)
+        return model, optimizer, schedule, lambda: finetune_lib.fresh_state(model, optimizer, config)
+    model, optimizer = models.build_model(config.model, config.moe), optim.make_optimizer(config)
+    return model, optimizer, optim.make_schedule(config), lambda: step_lib.init_state(model, optimizer, config)
+
+
+def state_sizes(state) -> dict:
+    """Bytes of the state as stored, in MiB: all params, the trained ones, the optimizer state."""
+    params = state.params
+    trainable = params["lora"] if lora_lib.is_lora(params) else params
+    mib = lambda tree: round(lora_lib.tree_bytes(tree) / 2**20, 1)  # noqa: E731
+    return {"params_mb": mib(params), "trainable_mb": mib(trainable), "opt_state_mb": mib(state.opt_state)}
+
+
 def build(config):
     """(state, jitted train step, `device_batch(step_number)`, mesh size) for `config`, as `jaxllm.train`
     builds them, with batches cut by the real loader from random tokens."""
     m, t = config.model, config.train
     L, B, K = m.sequence_length, t.batch_size, t.grad_accum
     mesh = sharding.make_mesh(t.num_devices)
-    model = models.build_model(m, config.moe)
-    optimizer = optim.make_optimizer(config)
-    train_step = step_lib.compile_train_step(
-        step_lib.make_train_step(model, optimizer, optim.make_schedule(config), config, mesh), mesh)
-    state = jax.jit(lambda: step_lib.init_state(model, optimizer, config),
-                    out_shardings=sharding.replicated(mesh))()
+    model, optimizer, schedule, fresh = step_parts(config)
+    train_step = step_lib.compile_train_step(step_lib.make_train_step(model, optimizer, schedule, config, mesh), mesh)
+    state = jax.jit(fresh, out_shardings=sharding.replicated(mesh))()
     # Enough windows for a long benchmark; the loader wraps around into a new epoch after that.
     tokens = np.random.default_rng(0).integers(0, min(m.vocab_size, 2**16), size=256 * B * K * L + 1,
                                                dtype=np.uint16)
@@ -165,7 +191,7 @@ def bench(config, steps: int = 10, warmup: int = 2) -> dict:
             input_s.append(feed_seconds)
     if not np.isfinite(float(metrics["loss"])):
         raise RuntimeError(f"the benchmark's loss is {float(metrics['loss'])}; the step is broken")
-    line = {**summary(config, step_s, compile_s, n_devices), **step_costs(compiled)}
+    line = {**summary(config, step_s, compile_s, n_devices), **state_sizes(state), **step_costs(compiled)}
     line["input_share"] = round(statistics.median(input_s) / statistics.median(step_s), 4)  # host batch + device_put
     _, source = hardware.peak_flops(config.model.dtype, n_devices)
     print(f"input pipeline: median {1e3 * statistics.median(input_s):.2f} ms per batch "
@@ -179,11 +205,9 @@ def compile_memory(config) -> dict:
     """Ahead-of-time compile of the train step on abstract inputs; XLA's memory analysis in MiB."""
     m, t = config.model, config.train
     mesh = sharding.make_mesh(t.num_devices)
-    model = models.build_model(m, config.moe)
-    optimizer = optim.make_optimizer(config)
-    train_step = step_lib.compile_train_step(
-        step_lib.make_train_step(model, optimizer, optim.make_schedule(config), config, mesh), mesh)
-    state = step_lib.abstract_state(model, optimizer, config)
+    model, optimizer, schedule, fresh = step_parts(config)
+    train_step = step_lib.compile_train_step(step_lib.make_train_step(model, optimizer, schedule, config, mesh), mesh)
+    state = jax.eval_shape(fresh)
     shape = (t.grad_accum, t.batch_size, m.sequence_length)
     batch = {"inputs": jax.ShapeDtypeStruct(shape, np.int32), "targets": jax.ShapeDtypeStruct(shape, np.int32),
              "weights": jax.ShapeDtypeStruct(shape, np.float32)}
@@ -195,7 +219,7 @@ def compile_memory(config) -> dict:
     return {"argument_mb": round(mb["argument"], 1), "output_mb": round(mb["output"], 1),
             "temp_mb": round(mb["temp"], 1), "total_mb": round(mb["argument"] + mb["output"] - alias + mb["temp"], 1),
             "compile_s": round(time.perf_counter() - start, 2), "device": hardware.device_description(),
-            "jax": jax.__version__, **step_costs(compiled)}
+            "jax": jax.__version__, **state_sizes(state), **step_costs(compiled)}
 
 
 def main(argv=None) -> int:
@@ -204,6 +228,7 @@ def main(argv=None) -> int:
         overrides.append(f"train.num_devices={args.num_devices}")
     try:
         config = config_lib.load_config(args.config, overrides)
+        config = config_lib.stage_config(config, args.stage)
     except config_lib.ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
