@@ -176,7 +176,9 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
         # The objective is a token sum: dividing by the token count makes it the token mean over all
         # micro-batches (and devices), exactly what one big batch would give.
         weight = jnp.maximum(sums.weight, 1.0)
-        grads = jax.tree.map(lambda g: g / weight, grads)
+        # In float32, then back to each gradient's dtype: bf16 params keep bf16 gradients and optimizer state
+        # (a float32 quotient would turn AdamW's moments float32 after the first step, and a resume differ).
+        grads = jax.tree.map(lambda g: (g / weight).astype(g.dtype), grads)
         grad_norm = optax.tree.norm(grads)
         if lora_lib.is_lora(state.params):  # the frozen base: zeros, which its set_to_zero optimizer ignores
             grads = {"base": jax.tree.map(jnp.zeros_like, state.params["base"]), "lora": grads["lora"]}

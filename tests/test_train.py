@@ -261,3 +261,21 @@ def test_checkpoint_of_another_model_shape_is_refused(capsys, tmp_path):
     code, out = _cli(capsys, tmp_path, "--config.model.n_layer=3")
     assert code == 2
     assert "different model" in out.err and "n_layer" in out.err
+
+
+def test_bfloat16_params_keep_their_dtype_through_a_step(tmp_path):
+    """param_dtype=bfloat16: the step returns bf16 params and bf16 AdamW moments (the gradient's division by
+    the token count must not promote them to float32, or a resumed run would restore other dtypes)."""
+    config = tiny_config(tmp_path)
+    config.model.param_dtype = "bfloat16"
+    mesh = sharding.make_mesh(1)
+    model, optimizer = models.build_model(config.model, config.moe), optim.make_optimizer(config)
+    train_step = step_lib.make_train_step(model, optimizer, optim.make_schedule(config), config, mesh)
+    state = step_lib.abstract_state(model, optimizer, config)
+    shape = (1, 2, config.model.sequence_length)
+    batch = {"inputs": jax.ShapeDtypeStruct(shape, np.int32), "targets": jax.ShapeDtypeStruct(shape, np.int32),
+             "weights": jax.ShapeDtypeStruct(shape, np.float32)}
+    after, _ = jax.eval_shape(train_step, state, batch)
+    before_dtypes = [leaf.dtype for leaf in jax.tree.leaves(state)]
+    assert jax.numpy.bfloat16 in before_dtypes
+    assert [leaf.dtype for leaf in jax.tree.leaves(after)] == before_dtypes
