@@ -184,15 +184,25 @@ def _matmul_f32(a: jax.Array, b: jax.Array) -> jax.Array:
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def _after(q: dict[str, jax.Array], x: jax.Array) -> dict[str, jax.Array]:
+    """`q` with its (small) float32 scale arrays made to depend on `x` (+ 0 * one element of x): the matrix
+    dequantized from it cannot be computed before x exists. XLA may drop an optimization barrier (XLA:CPU
+    does) and then hoists every layer's dequantization to the start of the step, keeping the whole model
+    dequantized in memory; a data dependency holds on every backend. (0 * x is not folded away for floats.)"""
+    zero = x.reshape(-1)[0].astype(jnp.float32) * 0.0
+    return {name: a + zero if jnp.issubdtype(a.dtype, jnp.floating) else a for name, a in q.items()}
+
+
 @jax.custom_vjp
 def linear(x_NxI: jax.Array, q: dict[str, jax.Array]) -> jax.Array:
     """x @ dequantize(q) in x's dtype (the compute dtype), accumulated in float32: [N, O].
 
-    No gradient for `q` (a frozen base; integer codes have none). The optimization barrier makes the
-    dequantization wait for `x`, so XLA cannot hoist every layer's dequantization to the start of the step.
+    No gradient for `q` (a frozen base; integer codes have none). The dequantization waits for `x` (and in
+    the backward pass for the incoming gradient): `_after` makes it depend on them, so XLA cannot hoist every
+    layer's dequantization to the start of the step (tests/test_qlora.py checks the compiled step's memory).
     """
     x_NxI, q = jax.lax.optimization_barrier((x_NxI, q))
-    return _matmul_f32(x_NxI, dequantize(q, x_NxI.dtype)).astype(x_NxI.dtype)
+    return _matmul_f32(x_NxI, dequantize(_after(q, x_NxI), x_NxI.dtype)).astype(x_NxI.dtype)
 
 
 def _linear_fwd(x_NxI, q):
@@ -204,7 +214,7 @@ def _linear_bwd(residuals, g_NxO):
     """d x = g @ dequantize(q)^T, the matrix dequantized again here (after g exists, same barrier)."""
     q, dtype_probe = residuals
     g_NxO, q = jax.lax.optimization_barrier((g_NxO.astype(dtype_probe.dtype), q))
-    kernel_OxI = primitives.transposed(dequantize(q, dtype_probe.dtype))
+    kernel_OxI = primitives.transposed(dequantize(_after(q, g_NxO), dtype_probe.dtype))
     return _matmul_f32(g_NxO, kernel_OxI).astype(dtype_probe.dtype), None
 
 
