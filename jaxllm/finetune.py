@@ -32,7 +32,7 @@ from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import eval as eval_lib
 from jaxllm import loop
 from jaxllm import config as config_lib
-from jaxllm import models, optim, pretrained, sharding, step as step_lib
+from jaxllm import hardware, models, optim, pretrained, sharding, step as step_lib
 from jaxllm.config import ConfigError
 from jaxllm.data import mathqa
 from jaxllm.data import sft as sft_data
@@ -170,6 +170,10 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
             save=save, writer=writer, last_good_step=checkpointer.latest_step,
             elapsed_before=float(meta.get("elapsed_s", 0.0)), tokens_seen=int(meta.get("tokens_seen", 0)),
             nan_hint="lower finetune.optim.lr", fitted_steps=fitted_steps, refit=refit,
+            # MFU for full fine-tuning; a LoRA step skips the frozen base's weight gradients (a third of
+            # 6 * params), so the 6N count would overstate its work: its MFU is left NaN, its tokens/s stands.
+            **({} if config.finetune.lora.rank else {"flops_per_token": models.flops_per_token(m, config.moe),
+                                                      "peak_flops": hardware.peak_flops(m.dtype, mesh.size)[0]}),
             # The final pass over every validation example, in periodic evaluations (MathQA scoring not counted).
             final_eval_scale=(-(-len(data.val) // t.batch_size) / max(len(val_batches), 1)
                               if t.full_eval_at_end else 0.0))
