@@ -12,15 +12,18 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import config as config_lib
-from jaxllm import models
-from jaxllm.export import run_dir
-from jaxllm.generate import load_params
-from jaxllm.tokenizer import get_tokenizer
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a checkout
+
+from jaxllm import config as config_lib  # noqa: E402
+from jaxllm import models  # noqa: E402
+from jaxllm.export import run_dir  # noqa: E402
+from jaxllm.generate import load_params  # noqa: E402
+from jaxllm.tokenizer import get_tokenizer  # noqa: E402
 
 PROMPT = "Question: a train travels 60 km in 45 minutes . what is its speed in km / hr ?\nAnswer:"
 
