@@ -210,7 +210,7 @@ def test_bench_prints_the_issue_json_line(capsys):
     captured = capsys.readouterr()
     line = json.loads(captured.out.strip().splitlines()[-1])
     assert list(line) == ["tokens_per_s", "step_ms", "compile_s", "flops_per_token", "mfu", "peak_memory_mb",
-                          "device", "jax", "xla_flops_per_device", "matmul_flops_per_device", "collective_bytes",
+                          "device", "jax", "params_mb", "trainable_mb", "opt_state_mb", "xla_flops_per_device", "matmul_flops_per_device", "collective_bytes",
                           "collective_counts", "input_share"]
     assert line["collective_bytes"]["all-reduce"] == 0  # one device: nothing to exchange
     assert 0 < line["input_share"] <= 1  # the step time includes the batch
@@ -248,3 +248,26 @@ def test_bench_compile_only_reports_memory(capsys):
         "model.n_layer=1", "model.n_embd=64", "model.vocab_size=320", "model.sequence_length=32"]).model) / 2**20
     assert line["argument_mb"] >= 3 * params_mb  # params + AdamW's two moments, all float32
     assert line["temp_mb"] > 0 and line["total_mb"] >= line["argument_mb"]
+    assert line["params_mb"] == line["trainable_mb"] == round(params_mb, 1)
+    assert line["opt_state_mb"] == pytest.approx(2 * params_mb, abs=0.1)  # AdamW's two moments (+ its step count)
+
+
+def test_bench_finetune_stage_reports_lora_and_qlora_state_sizes(capsys):
+    """`--stage finetune`: the fine-tune stage's step, LoRA adapters trained, the base frozen (and quantized)."""
+    bench = _load_bench()
+    dims = ["--config.model.n_layer=2", "--config.model.n_embd=256", "--config.model.vocab_size=320",
+            "--config.model.sequence_length=32", "--config.finetune.train.batch_size=2",
+            "--config.finetune.train.num_devices=1"]
+    lines = {}
+    for quantize in ("none", "nf4"):
+        assert bench.main(["--config", str(ROOT / "configs" / "bench_cpu.py"), "--stage", "finetune", "--compile_only",
+                           *dims, "--config.finetune.lora.rank=8", f"--config.finetune.lora.quantize={quantize}"]) == 0
+        lines[quantize] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lora, qlora = lines["none"], lines["nf4"]
+    # rank 8 on the seven projections of 2 layers of d=256 (SwiGLU 768): 2 * 8 * (4*(256+256) + 3*(256+768)) weights
+    adapters_mb = 4 * 2 * 8 * (4 * 512 + 3 * 1024) / 2**20
+    assert lora["trainable_mb"] == qlora["trainable_mb"] == round(adapters_mb, 1)
+    assert qlora["opt_state_mb"] == lora["opt_state_mb"] == pytest.approx(2 * adapters_mb, abs=0.1)
+    # NF4 stores the 2 * (4 * 256^2 + 3 * 256 * 768) projection weights in ~4.1 bits instead of 32
+    projections_mb = 4 * 2 * (4 * 256 * 256 + 3 * 256 * 768) / 2**20
+    assert lora["params_mb"] - qlora["params_mb"] == pytest.approx(projections_mb * (1 - 4.127 / 32), abs=0.1)
