@@ -357,7 +357,7 @@ def rows(workdir, split):
 
     found = [r for r in read_metrics(workdir / "finetune" / "metrics.jsonl") if r["split"] == split]
     for row in found:
-        row.pop("tokens_per_s", None), row.pop("seconds", None)
+        row.pop("tokens_per_s", None), row.pop("mfu", None), row.pop("seconds", None)  # timings
     return found
 
 
