@@ -1,6 +1,7 @@
 """Test-wide settings: offline, four simulated CPU devices, a private cache; tests marked `gpu` run only on
 a GPU backend (JAX_PLATFORMS defaults to cpu here: run them with JAX_PLATFORMS=cuda)."""
 
+import contextlib
 import os
 
 # Set before JAX is imported anywhere: tests may build meshes of up to 4 simulated devices.
@@ -26,3 +27,54 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(skip)
+
+
+class Killed(Exception):
+    """A kill in the middle of a run (`kill_train_step`)."""
+
+
+@contextlib.contextmanager
+def _interrupted(monkeypatch, call_number, action):
+    """Inside the block, every compiled train step is wrapped so that `action()` runs just before the
+    `call_number`-th call, counted over all of them (a two-stage run: pretrain's calls, then the fine-tune's)."""
+    from jaxllm import step as step_lib  # here, not at the top: JAX must first see the flags above
+
+    original, calls = step_lib.compile_train_step, {"n": 0}
+
+    def patched(step_fn, mesh):
+        compiled = original(step_fn, mesh)
+
+        def wrapper(state, batch):
+            calls["n"] += 1
+            if calls["n"] == call_number:
+                action()
+            return compiled(state, batch)
+
+        return wrapper
+
+    with monkeypatch.context() as patch:
+        patch.setattr(step_lib, "compile_train_step", patched)
+        yield
+
+
+@pytest.fixture
+def interrupt_train_step(monkeypatch):
+    """`with interrupt_train_step(n, action): run()`: `action()` (a signal, an exception) runs just before the
+    n-th train-step call of the block; outside it the step is the real one."""
+    return lambda call_number, action: _interrupted(monkeypatch, call_number, action)
+
+
+@pytest.fixture
+def kill_train_step(monkeypatch):
+    """`with kill_train_step(n): run()`: the run dies (Killed) just before its n-th train-step call, and the
+    block checks that it did."""
+
+    def kill():
+        raise Killed()
+
+    @contextlib.contextmanager
+    def killed(call_number):
+        with _interrupted(monkeypatch, call_number, kill), pytest.raises(Killed):
+            yield
+
+    return killed

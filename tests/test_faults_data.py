@@ -239,10 +239,9 @@ def test_no_pickle_in_the_package():
 
 
 @pytest.mark.slow  # ~1 min here: three compiles of a tiny model; run with -m slow
-def test_train_resume_and_eval_never_unpickle(tmp_path, monkeypatch):
+def test_train_resume_and_eval_never_unpickle(tmp_path, monkeypatch, interrupt_train_step):
     """A tiny train, a resume from its checkpoint and a MathQA eval with every unpickling entry point raising."""
     from jaxllm import eval as eval_lib
-    from jaxllm import step as step_lib
     from jaxllm import train as train_lib
 
     config = default_config()
@@ -267,23 +266,11 @@ def test_train_resume_and_eval_never_unpickle(tmp_path, monkeypatch):
     except ImportError:
         pass
 
-    original, calls = step_lib.compile_train_step, {"n": 0}
+    def interrupt():
+        raise KeyboardInterrupt
 
-    def dies_at_step_5(step_fn, mesh):
-        compiled = original(step_fn, mesh)
-
-        def wrapper(state, batch):
-            calls["n"] += 1
-            if calls["n"] == 5:
-                raise KeyboardInterrupt
-            return compiled(state, batch)
-
-        return wrapper
-
-    with monkeypatch.context() as patch:
-        patch.setattr(step_lib, "compile_train_step", dies_at_step_5)
-        with pytest.raises(KeyboardInterrupt):
-            train_lib.train(config, tmp_path / "run")
+    with interrupt_train_step(5, interrupt), pytest.raises(KeyboardInterrupt):
+        train_lib.train(config, tmp_path / "run")
     assert train_lib.checkpoint_lib.Checkpointer(tmp_path / "run" / "checkpoints").latest_step() == 3
     assert train_lib.train(config, tmp_path / "run")["step"] == 6  # resumed from the step-3 checkpoint
     assert eval_lib.main(["--workdir", str(tmp_path / "run"), "--shots", "1", "--max_questions", "4"]) == 0

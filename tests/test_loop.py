@@ -14,7 +14,8 @@ from jaxllm import hardware, optim, step as step_lib
 from jaxllm import train as train_lib
 from jaxllm.metrics import read_metrics
 
-from test_train import Killed, _interrupt_at, losses, tiny_config
+from conftest import Killed
+from test_train import losses, tiny_config
 
 STEP_S, EVAL_S = 10.0, 3.0  # fake seconds per train step call and per evaluation
 
@@ -178,19 +179,13 @@ def test_fit_needs_a_budget():
         config_lib.validate(c)
 
 
-def kill():
-    raise Killed()
-
-
 @pytest.mark.slow  # ~30-60 s here; async saves are off on CPU by default
-def test_async_checkpoints_resume_exactly_and_are_complete(tmp_path, monkeypatch):
+def test_async_checkpoints_resume_exactly_and_are_complete(tmp_path, kill_train_step):
     sync_run = tiny_config(tmp_path, **{"train.checkpoint_every": 2, "train.async_checkpoint": "off"})
     async_run = tiny_config(tmp_path, **{"train.checkpoint_every": 2, "train.async_checkpoint": "on"})
     train_lib.train(sync_run, tmp_path / "straight")
-    with monkeypatch.context() as patch:
-        _interrupt_at(patch, 8, kill)  # dies after step 7 (last checkpoint: 6)
-        with pytest.raises(Killed):
-            train_lib.train(async_run, tmp_path / "resumed")
+    with kill_train_step(8):  # dies after step 7 (last checkpoint: 6)
+        train_lib.train(async_run, tmp_path / "resumed")
     checkpointer = checkpoint_lib.Checkpointer(tmp_path / "resumed" / "checkpoints")
     assert checkpointer.latest_step() == 6
     checkpointer.close()

@@ -20,7 +20,7 @@ from jaxllm.models import layers
 from jaxllm.models import moe as moe_lib
 
 from jaxllm import sharding
-from test_train import SGD, _interrupt_at, _random_batch, Killed, losses, tiny_config
+from test_train import SGD, _random_batch, losses, tiny_config
 
 D, F, E, B, L = 32, 64, 4, 2, 16
 
@@ -316,18 +316,12 @@ def test_one_device_equals_four_devices_with_moe(tmp_path, mode):
 
 
 @pytest.mark.slow  # ~45-90 s here; run with -m slow
-def test_moe_training_is_deterministic_resumable_and_logged(tmp_path, monkeypatch):
+def test_moe_training_is_deterministic_resumable_and_logged(tmp_path, kill_train_step):
     config = moe_config(tmp_path, "capacity")
     # Resuming a killed run reproduces the straight run bit for bit, which also shows the run deterministic.
     train_lib.train(config, tmp_path / "a")
-
-    def kill():
-        raise Killed()
-
-    with monkeypatch.context() as patch:
-        _interrupt_at(patch, 7, kill)
-        with pytest.raises(Killed):
-            train_lib.train(moe_config(tmp_path, "capacity"), tmp_path / "resumed")
+    with kill_train_step(7):
+        train_lib.train(moe_config(tmp_path, "capacity"), tmp_path / "resumed")
     train_lib.train(moe_config(tmp_path, "capacity"), tmp_path / "resumed")
     assert losses(tmp_path / "resumed") == losses(tmp_path / "a")
     assert losses(tmp_path / "resumed", "val") == losses(tmp_path / "a", "val")

@@ -323,9 +323,6 @@ def test_quantization_is_refused_for_gpt2_and_moe(section, value, named):
 # --- the fine-tune stage: resume after a kill, export ---------------------------------------------------------
 
 
-class Killed(Exception):
-    pass
-
 
 def stage_args(workdir, init_from):
     return ["--config", "configs/tiny.py", "--workdir", str(workdir), "--config.stages=finetune",
@@ -362,7 +359,8 @@ def rows(workdir, split):
 
 
 @pytest.mark.slow  # two fine-tunes from an HF import, ~40 s here
-def test_killed_qlora_finetune_resumes_exactly_and_exports_its_merged_model(tmp_path, monkeypatch, hf_dir):
+def test_killed_qlora_finetune_resumes_exactly_and_exports_its_merged_model(tmp_path, monkeypatch, hf_dir,
+                                                                            kill_train_step):
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
     from jaxllm import checkpoint as checkpoint_lib, export as export_lib, generate as generate_lib, hf
@@ -370,23 +368,8 @@ def test_killed_qlora_finetune_resumes_exactly_and_exports_its_merged_model(tmp_
 
     monkeypatch.setenv("JAXLLM_CACHE", str(tmp_path / "cache"))
     assert train_lib.main(stage_args(tmp_path / "straight", hf_dir)) == 0
-    original, calls = step_lib.compile_train_step, {"n": 0}
-
-    def dying(fn, mesh):
-        compiled = original(fn, mesh)
-
-        def wrapper(state, batch):
-            calls["n"] += 1
-            if calls["n"] == 4:  # dies before step 4; the newest checkpoint is step 2
-                raise Killed()
-            return compiled(state, batch)
-
-        return wrapper
-
-    with monkeypatch.context() as patch:
-        patch.setattr(step_lib, "compile_train_step", dying)
-        with pytest.raises(Killed):
-            train_lib.main(stage_args(tmp_path / "resumed", hf_dir))
+    with kill_train_step(4):  # dies before step 4; the newest checkpoint is step 2
+        train_lib.main(stage_args(tmp_path / "resumed", hf_dir))
 
     def no_fresh_start(*args, **kwargs):
         raise AssertionError("the resumed fine-tune started again from its init_from instead of its checkpoint")

@@ -11,7 +11,6 @@ import pytest
 
 from jaxllm import config as config_lib
 from jaxllm import finetune as finetune_lib
-from jaxllm import step as step_lib
 from jaxllm import train as train_lib
 from jaxllm.data import mathqa, sft
 from jaxllm.data.sources import DataError
@@ -236,31 +235,13 @@ def test_sft_stage_trains_on_a_jsonl_file_packed(tmp_path):
     assert max(int(b["segment_ids"].max()) for b in batches) >= 2
 
 
-class Killed(Exception):
-    pass
-
 
 @pytest.mark.slow  # ~30-60 s here
-def test_killed_packed_sft_stage_resumes_exactly(tmp_path, monkeypatch):
+def test_killed_packed_sft_stage_resumes_exactly(tmp_path, kill_train_step):
     config = sft_stage_config(tmp_path, **{"finetune.train.log_every": 1})
     train_lib.run_stages(config, tmp_path / "straight")
-    original, calls = step_lib.compile_train_step, {"n": 0}
-
-    def dying(fn, mesh):
-        compiled = original(fn, mesh)
-
-        def wrapper(state, batch):
-            calls["n"] += 1
-            if calls["n"] == 3 + 4:  # pretrain's 3 steps, then die before fine-tune step 4 (checkpoint at 2)
-                raise Killed()
-            return compiled(state, batch)
-
-        return wrapper
-
-    with monkeypatch.context() as patch:
-        patch.setattr(step_lib, "compile_train_step", dying)
-        with pytest.raises(Killed):
-            train_lib.run_stages(config, tmp_path / "resumed")
+    with kill_train_step(3 + 4):  # pretrain's 3 steps, then die before fine-tune step 4 (checkpoint at 2)
+        train_lib.run_stages(config, tmp_path / "resumed")
     train_lib.run_stages(config, tmp_path / "resumed")
     for split in ("train", "val"):
         a, b = [[{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")}  # timings

@@ -111,31 +111,12 @@ def zero_shot_by_hand(config, params, questions) -> tuple[float, float]:
     return hits / len(questions), hits_norm / len(questions)
 
 
-class Killed(Exception):
-    pass
-
 
 @pytest.mark.slow  # ~40-80 s here; run with -m slow
-def test_killed_finetune_resumes_exactly_and_pretrain_is_not_rerun(tmp_path, monkeypatch):
+def test_killed_finetune_resumes_exactly_and_pretrain_is_not_rerun(tmp_path, monkeypatch, kill_train_step):
     train_lib.run_stages(staged_config(tmp_path), tmp_path / "straight")
-    original = step_lib.compile_train_step
-    calls = {"n": 0}
-
-    def dying(fn, mesh):
-        compiled = original(fn, mesh)
-
-        def wrapper(state, batch):
-            calls["n"] += 1
-            if calls["n"] == 3 + 6:  # pretrain's 3 steps, then die before fine-tune step 6 (checkpoint at 4)
-                raise Killed()
-            return compiled(state, batch)
-
-        return wrapper
-
-    with monkeypatch.context() as patch:
-        patch.setattr(step_lib, "compile_train_step", dying)
-        with pytest.raises(Killed):
-            train_lib.run_stages(staged_config(tmp_path), tmp_path / "resumed")
+    with kill_train_step(3 + 6):  # pretrain's 3 steps, then die before fine-tune step 6 (checkpoint at 4)
+        train_lib.run_stages(staged_config(tmp_path), tmp_path / "resumed")
 
     def no_pretraining(*args, **kwargs):
         raise AssertionError("the finished pretrain stage ran again")

@@ -50,29 +50,6 @@ def test_same_seed_same_losses_bit_for_bit(tmp_path):
     assert first["val_full"]["loss"] == second["val_full"]["loss"]
 
 
-def _interrupt_at(monkeypatch, call_number, action):
-    """Wrap the compiled train step so that `action()` runs on its `call_number`-th call."""
-    original = step_lib.compile_train_step
-    calls = {"n": 0}
-
-    def patched(step_fn, mesh):
-        compiled = original(step_fn, mesh)
-
-        def wrapper(state, batch):
-            calls["n"] += 1
-            if calls["n"] == call_number:
-                action()
-            return compiled(state, batch)
-
-        return wrapper
-
-    monkeypatch.setattr(step_lib, "compile_train_step", patched)
-
-
-class Killed(Exception):
-    pass
-
-
 def tensorboard_scalars(workdir, tag):
     """[(step, value)] of one TensorBoard tag in the event files of workdir/tensorboard (in name order), read
     record by record: uint64 length, uint32 CRC, an Event proto, uint32 CRC."""
@@ -89,16 +66,10 @@ def tensorboard_scalars(workdir, tag):
     return found
 
 
-def test_resume_after_kill_equals_uninterrupted_in_metrics_and_tensorboard(tmp_path, monkeypatch):
+def test_resume_after_kill_equals_uninterrupted_in_metrics_and_tensorboard(tmp_path, kill_train_step):
     train_lib.train(tiny_config(tmp_path), tmp_path / "straight")
-
-    def kill():
-        raise Killed()
-
-    with monkeypatch.context() as patch:
-        _interrupt_at(patch, 7, kill)  # dies after step 6, between checkpoints (the last one is step 4)
-        with pytest.raises(Killed):
-            train_lib.train(tiny_config(tmp_path), tmp_path / "resumed")
+    with kill_train_step(7):  # dies after step 6, between checkpoints (the last one is step 4)
+        train_lib.train(tiny_config(tmp_path), tmp_path / "resumed")
     assert train_lib.checkpoint_lib.Checkpointer(tmp_path / "resumed" / "checkpoints").latest_step() == 4
     train_lib.train(tiny_config(tmp_path), tmp_path / "resumed")
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
@@ -110,10 +81,9 @@ def test_resume_after_kill_equals_uninterrupted_in_metrics_and_tensorboard(tmp_p
 
 
 @pytest.mark.slow  # ~45-85 s here (resume is also covered by test_resume_after_kill_equals_uninterrupted); run with -m slow
-def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, monkeypatch):
+def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, interrupt_train_step):
     train_lib.train(tiny_config(tmp_path), tmp_path / "straight")
-    with monkeypatch.context() as patch:
-        _interrupt_at(patch, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with interrupt_train_step(3, lambda: os.kill(os.getpid(), signal.SIGTERM)):
         summary = train_lib.train(tiny_config(tmp_path), tmp_path / "stopped")
     assert summary["stopped"] == "received SIGTERM" and summary["step"] == 3
     assert 3 in train_lib.checkpoint_lib.Checkpointer(tmp_path / "stopped" / "checkpoints").all_steps()
