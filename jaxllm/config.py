@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import math
 import pathlib
 import sys
 from typing import Any
@@ -142,7 +143,10 @@ def default_config() -> ml_collections.ConfigDict:
     t.async_checkpoint = "auto"  # write checkpoints in a background thread: auto (on off-CPU), on, off
     t.prefetch = 2  # host batches prepared (and put on the devices) ahead by a background thread; 0 = none
     t.progress = True  # console progress bar
-    t.num_devices = 0  # devices in the data-parallel mesh; 0 = all visible devices
+    t.num_devices = 0  # devices the mesh uses (of every process's); 0 = all visible devices
+    # The device mesh (jaxllm/sharding.py): axis sizes of data (batch only), fsdp (batch, and parameters and
+    # optimizer state sharded, ZeRO-3) and tensor (heads and MLP units split); -1 = the remaining devices.
+    t.mesh = "data:-1,fsdp:1,tensor:1"
 
     # Stages run in order; with more than one, each runs in its own subfolder of the workdir (workdir/<stage>).
     c.stages = "pretrain"  # comma-separated, from STAGES: "pretrain", "finetune" or "pretrain,finetune"
@@ -353,6 +357,48 @@ def _positive(value, path, allow_zero=False):
         raise ConfigError(f"config field '{path}' is {value}; it must be {bound}")
 
 
+MESH_AXES = ("data", "fsdp", "tensor")  # train.mesh's axes (jaxllm/sharding.py)
+
+
+def parse_mesh(spec: str, num_devices: int | None) -> dict[str, int]:
+    """{"data": n, "fsdp": n, "tensor": n} from a spec like "data:-1,fsdp:2" over `num_devices` devices
+    (None: check the spec's form only, -1 left as it is).
+
+    Raises ValueError (one sentence) for unknown axes, bad sizes, or sizes that do not multiply to the devices.
+    """
+    sizes: dict[str, int] = {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        name, _, value = item.partition(":")
+        name = name.strip()
+        if name not in MESH_AXES:
+            raise ValueError(f"train.mesh names axis '{name}'; the axes are {', '.join(MESH_AXES)} (e.g. data:-1,fsdp:2)")
+        if name in sizes:
+            raise ValueError(f"train.mesh names axis '{name}' twice")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ValueError(f"train.mesh axis '{name}' has size '{value}'; sizes are integers, -1 for the rest") from None
+        if sizes[name] == 0 or sizes[name] < -1:
+            raise ValueError(f"train.mesh axis '{name}' has size {sizes[name]}; sizes are >= 1, or -1 for the rest")
+    free = [name for name, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"train.mesh gives -1 to {' and '.join(free)}; at most one axis takes the remaining devices")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if num_devices is None:
+        pass
+    elif free:
+        if num_devices % fixed:
+            raise ValueError(f"train.mesh '{spec}' needs a multiple of {fixed} devices, and {num_devices} are used; "
+                             f"change the mesh or train.num_devices")
+        sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ValueError(f"train.mesh '{spec}' has {fixed} devices in all but {num_devices} are used; use -1 for "
+                         f"one axis, or set train.num_devices={fixed}")
+    return {name: sizes.get(name, 1) for name in MESH_AXES}
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Check values and their relations; raise ConfigError with one sentence on the first problem."""
     check_fields(config)
@@ -368,6 +414,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _choice(o.name, OPTIMIZERS, "optim.name")
     _choice(o.schedule, SCHEDULES, "optim.schedule")
     _choice(t.async_checkpoint, ASYNC_CHECKPOINT, "train.async_checkpoint")
+    for section in (t, config.finetune.train):
+        try:
+            parse_mesh(section.mesh, None)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     for path in ("model.n_layer", "model.n_embd", "model.n_head", "model.vocab_size", "model.sequence_length",
                  "model.mlp_multiple_of", "train.steps", "train.batch_size", "train.grad_accum",
                  "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",

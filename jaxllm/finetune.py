@@ -33,6 +33,7 @@ from jaxllm import eval as eval_lib
 from jaxllm import loop
 from jaxllm import config as config_lib
 from jaxllm import hardware, models, optim, pretrained, sharding, step as step_lib
+from jaxllm import stage as stage_lib
 from jaxllm.config import ConfigError
 from jaxllm.data import mathqa
 from jaxllm.data import sft as sft_data
@@ -108,88 +109,48 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
     tokenizer = get_tokenizer(config.data.tokenizer, config.data.tokenizer_path)
     if m.vocab_size < tokenizer.n_vocab:
         raise ConfigError(f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer's {tokenizer.n_vocab} ids")
-    mesh = sharding.make_mesh(t.num_devices)
     scored = config.finetune.get("data", "mathqa") == "mathqa"  # MathQA's multiple-choice scoring at the end
-    for name, size in (("finetune.train.batch_size", t.batch_size), ("mathqa.eval_batch_size", q.eval_batch_size)):
-        if size % mesh.size and (scored or name.startswith("finetune")):
-            raise ConfigError(f"{name} ({size}) must be divisible by the {mesh.size} devices of the mesh")
+    mesh = stage_lib.make_mesh(config, {"finetune.train.batch_size": t.batch_size,
+                                        **({"mathqa.eval_batch_size": q.eval_batch_size} if scored else {})})
     data, questions = load_data(config, tokenizer, workdir)
     data_seed = q.seed if scored else config.sft.seed  # the order of training examples
 
-    checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints,
-                                               async_save=checkpoint_lib.use_async(t.async_checkpoint))
-    latest = checkpointer.latest_step()
-    model, optimizer, _ = build(config)
-    eval_step = step_lib.make_eval_step(model, config, mesh)
-    replicated = sharding.replicated(mesh)
-    if latest is None:
+    def fresh_params():
         if init_from is None:
             raise ConfigError("the finetune stage has nothing to start from; set finetune.init_from or run pretrain first")
-        params = initial_params(config, init_from)
-        state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
-        state = jax.device_put(state, replicated)
-        meta = {}
-    else:
-        checkpointer.check_compatible(latest, m)
-        checkpoint_lib.check_moe_compatible(checkpointer, latest, config)
-        abstract = jax.eval_shape(lambda: fresh_state(model, optimizer, config))
-        state, meta = checkpointer.restore(latest, abstract, jax.tree.map(lambda _: replicated, abstract))
+        return initial_params(config, init_from)
+
+    run = stage_lib.open_stage(config, workdir, build, mesh, initial_params=fresh_params)
+    state = run.state
     opt_bytes, param_bytes = lora_lib.tree_bytes(state.opt_state), lora_lib.tree_bytes(state.params)
-    start_step = int(jax.device_get(state.step))
-    # fit_steps_to_budget: a resume keeps the step count its run fitted (the schedule it trained with).
-    fitted_steps = meta.get("fitted_steps") if t.fit_steps_to_budget else None
-
-    def refit(steps: int):
-        """The train step for a schedule of `steps` steps, recorded in config.json (train.steps)."""
-        (workdir / "config.json").write_text(config_lib.to_json(config_lib.with_train_steps(config, steps)))
-        return build_train_step(config_lib.with_train_steps(config, steps), mesh)
-
-    train_step = refit(fitted_steps or t.steps)
-    writer = MetricsWriter(workdir, resume_step=latest)
-    if latest is None:
-        writer.write(0, "memory", {"opt_state_bytes": opt_bytes, "param_bytes": param_bytes,
-                                   "trainable_params": models.count_params(
-                                       state.params["lora"] if lora_lib.is_lora(state.params) else state.params)})
+    if run.latest is None:
+        run.writer.write(0, "memory", {"opt_state_bytes": opt_bytes, "param_bytes": param_bytes,
+                                       "trainable_params": models.count_params(
+                                           state.params["lora"] if lora_lib.is_lora(state.params) else state.params)})
     print(f"finetune: optimizer state {opt_bytes / 2**20:.2f} MiB, params {param_bytes / 2**20:.2f} MiB"
           f"{' (LoRA rank ' + str(config.finetune.lora.rank) + ')' if config.finetune.lora.rank else ''}", file=sys.stderr)
 
     val_batches = data.val_batches(t.batch_size, t.eval_batches)
-
-    def save(step_number: int, state, loop_meta: dict[str, Any]) -> None:
-        checkpointer.save(step_number, state, {"step": step_number, "stage": "finetune", **loop_meta,
-                                               "model_shape": checkpoint_lib.shape_signature(m),
-                                               "moe_shape": checkpoint_lib.moe_shape_signature(config)})
-
-    try:
-        result = loop.run_loop(
-            state, train_cfg=t, train_step=train_step,
-            host_batch=lambda step: data.train_batch(seed=data_seed, step=step, batch_size=t.batch_size,
-                                                     grad_accum=t.grad_accum),
-            shard=lambda batch: sharding.shard_batch(batch, mesh, batch_axis=1),
-            evaluate_params=lambda params: loop.evaluate(eval_step, params, val_batches),
-            save=save, writer=writer, last_good_step=checkpointer.latest_step,
-            elapsed_before=float(meta.get("elapsed_s", 0.0)), tokens_seen=int(meta.get("tokens_seen", 0)),
-            nan_hint="lower finetune.optim.lr", fitted_steps=fitted_steps, refit=refit,
-            # MFU for full fine-tuning; a LoRA step skips the frozen base's weight gradients (a third of
-            # 6 * params), so the 6N count would overstate its work: its MFU is left NaN, its tokens/s stands.
-            **({} if config.finetune.lora.rank else {"flops_per_token": models.flops_per_token(m, config.moe),
-                                                      "peak_flops": hardware.peak_flops(m.dtype, mesh.size)[0]}),
-            # The final pass over every validation example, in periodic evaluations (MathQA scoring not counted).
-            final_eval_scale=(-(-len(data.val) // t.batch_size) / max(len(val_batches), 1)
-                              if t.full_eval_at_end else 0.0))
-    finally:
-        checkpointer.wait_until_finished()  # an asynchronous save in flight is complete before anything goes on
+    result = stage_lib.train(
+        run, host_batch=lambda step: data.train_batch(seed=data_seed, step=step, batch_size=t.batch_size,
+                                                      grad_accum=t.grad_accum),
+        evaluate_params=lambda params: loop.evaluate(run.eval_step, params, val_batches),
+        save_meta={"stage": "finetune"}, name="the fine-tune", budget_field="finetune.train.max_duration_s",
+        tokens_seen=int(run.meta.get("tokens_seen", 0)), nan_hint="lower finetune.optim.lr",
+        # MFU for full fine-tuning; a LoRA step skips the frozen base's weight gradients (a third of
+        # 6 * params), so the 6N count would overstate its work: its MFU is left NaN, its tokens/s stands.
+        **({} if config.finetune.lora.rank else {"flops_per_token": models.flops_per_token(m, config.moe),
+                                                  "peak_flops": hardware.peak_flops(m.dtype, mesh.size)[0]}),
+        # The final pass over every validation example, in periodic evaluations (MathQA scoring not counted).
+        final_eval_scale=(-(-len(data.val) // t.batch_size) / max(len(val_batches), 1)
+                          if t.full_eval_at_end else 0.0))
     state, step_number, stop_reason = result.state, result.step, result.stop_reason
     summary: dict[str, Any] = {"step": step_number, "train": result.train, "val": result.val}
     if result.interrupted:
-        writer.close()
-        checkpointer.close()
-        print(f"{stop_reason}: saved fine-tune checkpoint at step {step_number}; run the same command to resume",
-              file=sys.stderr)
         return {**summary, "stopped": stop_reason}
     if stop_reason:
         summary["stopped"] = stop_reason
-    loop.report_end(result, meta, run="the fine-tune", workdir=workdir, budget_field="finetune.train.max_duration_s")
+    writer, eval_step = run.writer, run.eval_step
 
     # A stage killed during these final evaluations redoes only the ones it had not written yet.
     rows = [r for r in read_metrics(writer.path) if r["step"] == step_number]
@@ -205,20 +166,21 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
         params = lora_lib.merge(params, config.finetune.lora)
         _export(workdir / "export", params)
     if questions is None:  # finetune.data=sft: the validation loss above is the stage's measure
-        writer.close()
-        checkpointer.close()
+        run.close()
         return summary
     base_model = models.build(config)
+    # Scoring runs data-parallel over the stage's devices, the params replicated (jaxllm/eval.py).
+    score_mesh = sharding.make_mesh(mesh.size)
+    params = jax.device_put(params, sharding.replicated(score_mesh))
     test = questions["test"][:q.eval_questions] if q.eval_questions else questions["test"]
     for shots in [int(s) for s in q.eval_shots.split(",") if s.strip()]:
         if shots in done_shots:
             continue
-        result = eval_lib.run_mc(config, params, base_model, tokenizer, mesh, test, questions["train"], shots)
+        result = eval_lib.run_mc(config, params, base_model, tokenizer, score_mesh, test, questions["train"], shots)
         summary[f"mathqa_{shots}shot"] = writer.write(step_number, "mathqa", result, tag=f"mathqa_{shots}shot")
         print(f"MathQA {q.test_split} {shots}-shot: n={result['n']} acc={result['acc']:.4f} "
               f"acc_norm={result['acc_norm']:.4f} ({result['seconds']:.0f} s)", file=sys.stderr)
-    writer.close()
-    checkpointer.close()
+    run.close()
     return summary
 
 
@@ -258,18 +220,10 @@ def load_data(config, tokenizer, workdir: pathlib.Path):
     return data, questions
 
 
-def build_train_step(config, mesh):
-    """The compiled train step of the stage config: `build`'s model, optimizer and schedule (over train.steps)."""
-    model, optimizer, schedule = build(config)
-    return step_lib.compile_train_step(step_lib.make_train_step(model, optimizer, schedule, config, mesh), mesh)
-
-
 def fresh_state(model, optimizer, config) -> step_lib.TrainState:
-    """A fresh stage state from random weights (`config.seed`): what a resume's abstract shapes (and
-    scripts/bench.py's fine-tune figures) are read from; with LoRA the base comes quantized as configured."""
-    tokens_1xL = jnp.zeros((1, config.model.sequence_length), jnp.int32)
-    params = model.init(jax.random.key(config.seed), tokens_1xL)["params"]
-    return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    """A fresh stage state from random weights (`config.seed`): what scripts/bench.py's fine-tune figures
+    are read from; with LoRA the base comes quantized as configured."""
+    return step_lib.init_state(model, optimizer, config)
 
 
 def _export(directory: pathlib.Path, params) -> None:

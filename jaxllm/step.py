@@ -19,6 +19,16 @@ Differences from one device: each device draws its own dropout masks (the key fo
 index), and MoE router statistics are per device (below). One device skips the shard_map: it is the
 plain computation, bit for bit as before.
 
+On a mesh with `fsdp` or `tensor` axes (jaxllm/sharding.py) the step is one SPMD program instead: the state
+arrives sharded by `state_shardings` (parameters, gradients and optimizer moments split over fsdp/tensor by
+their logical axes), the batch split over `data` x `fsdp`, and the model pins its activations to that batch
+split (`sharding.constrain`), so XLA all-gathers each layer's weights where they are used and
+reduce-scatters their gradients (ZeRO-3), and splits heads and MLP units over `tensor`. The fused LM head
+runs one chunk loop per batch shard (so no device computes another's rows). Dropout masks are the global
+batch's (partitionable threefry), and MoE routing is over the global batch: the maths of one device, up to
+float summation order. Its per-micro-batch gradients are reduce-scattered inside the accumulation loop
+(K reduce-scatters per step, as FSDP does).
+
 With mixture-of-experts layers (config.moe.n_experts > 0) the model is applied with
 mutable=["intermediates"] to read what the routers sow: their auxiliary loss is added to the training
 objective (never to validation loss, which stays comparable with dense models), and the aux losses,
@@ -43,6 +53,7 @@ from jax.sharding import PartitionSpec as P
 from jaxllm import loss as loss_lib
 from jaxllm import models
 from jaxllm import sharding
+from jaxllm.models import axes as axes_lib
 from jaxllm.models import lora as lora_lib
 from jaxllm.models import moe as moe_lib
 
@@ -78,24 +89,38 @@ def packed_inputs(batch: Batch) -> dict[str, jax.Array]:
     return {"segment_ids_BxL": batch["segment_ids"], "positions_BxL": batch["positions"]}
 
 
-def _loss_sums(model: nn.Module, config, params, batch: Batch, dropout_key
+def _loss_sums(model: nn.Module, config, params, batch: Batch, dropout_key, shards: int = 1
                ) -> tuple[loss_lib.LossSums, dict[str, jax.Array]]:
-    """The micro-batch's loss sums and its MoE metric sums ({} for a dense model)."""
+    """The micro-batch's loss sums and its MoE metric sums ({} for a dense model).
+
+    `shards` > 1 (an SPMD-partitioned step): the batch is split in that many row blocks over the mesh and the
+    fused head runs one chunk loop per block (a loop over the flattened global batch would gather it)."""
     # LoRA's adapter dropout needs the dropout key even when the model itself has no dropout.
     deterministic = config.model.dropout == 0.0 and not (config.finetune.lora.rank and config.finetune.lora.dropout)
     rngs = None if deterministic else {"dropout": dropout_key}
     moe_on = config.moe.n_experts > 0
     # The fused head never materialises the float32 [B, L, V] logits; -1 (auto) picks it for large vocabularies.
-    chunk = loss_lib.head_chunk(config.loss.head_chunk, config.model.vocab_size, int(batch["inputs"].size))
+    chunk = loss_lib.head_chunk(config.loss.head_chunk, config.model.vocab_size, int(batch["inputs"].size) // shards)
     fused_head = chunk > 0
     out = model.apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs,
                       return_hidden=fused_head, **packed_inputs(batch),
                       **({"mutable": ["intermediates"]} if moe_on else {}))
     features, variables = out if moe_on else (out, None)
     if fused_head:
-        sums = loss_lib.chunked_cross_entropy(
-            features, models.lm_head_matrix(params, config.model), batch["targets"], batch["weights"],
-            chunk=chunk, label_smoothing=config.loss.label_smoothing, z_loss=config.loss.z_loss)
+        head_DxV = models.lm_head_matrix(params, config.model)
+
+        def fused(hidden_BxLxD, targets_BxL, weights_BxL):
+            return loss_lib.chunked_cross_entropy(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL, chunk=chunk,
+                                                  label_smoothing=config.loss.label_smoothing, z_loss=config.loss.z_loss)
+
+        if shards > 1:  # [S, B/S, ...]: one chunk loop per batch shard, each on its own devices
+            def split(x):
+                x = x.reshape(shards, x.shape[0] // shards, *x.shape[1:])
+                return sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+            per_shard = jax.vmap(fused)(split(features), split(batch["targets"]), split(batch["weights"]))
+            sums = jax.tree.map(lambda x: x.sum(0), per_shard)
+        else:
+            sums = fused(features, batch["targets"], batch["weights"])
     else:
         sums = loss_lib.cross_entropy(features, batch["targets"], batch["weights"],
                                       label_smoothing=config.loss.label_smoothing, z_loss=config.loss.z_loss)
@@ -119,7 +144,9 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
     replicates the LM head's and the MoE experts' work on every device).
     """
     base_key = jax.random.key(config.seed)
-    sharded = mesh is not None and mesh.size > 1
+    sharded = mesh is not None and mesh.size > 1 and sharding.is_data_parallel(mesh)  # the shard_map form
+    spmd = mesh is not None and mesh.size > 1 and not sharded  # fsdp / tensor: one partitioned program
+    shards = sharding.batch_shards(mesh) if spmd else 1
 
     def grads_and_sums(params, micro: Batch, key):
         """LoRA params ({"base", "lora"}): only the adapters are differentiated, the frozen base is closed
@@ -127,11 +154,15 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
         lora = lora_lib.is_lora(params)
 
         def objective(p):
-            sums, moe_sums = _loss_sums(model, config, {"base": params["base"], "lora": p} if lora else p, micro, key)
+            sums, moe_sums = _loss_sums(model, config, {"base": params["base"], "lora": p} if lora else p, micro, key,
+                                        shards)
             return sums.loss, (sums, moe_sums)
 
         (_, (sums, moe_sums)), grads = jax.value_and_grad(objective, has_aux=True)(params["lora"] if lora else params)
-        return ({"lora": grads} if lora else grads), sums, moe_sums
+        grads = {"lora": grads} if lora else grads
+        if spmd:  # gradients sharded like their parameters (reduce-scattered, never whole on one device)
+            grads = jax.lax.with_sharding_constraint(grads, param_shardings(grads, mesh))
+        return grads, sums, moe_sums
 
     def accumulated_sums(params, batch: Batch, step_key):
         """(grads, LossSums, MoE sums) of the objective's token sums, added over the K micro-batches."""
@@ -147,6 +178,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
 
         shapes = jax.eval_shape(grads_and_sums, params, first, step_key)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        if spmd:
+            zeros = (jax.lax.with_sharding_constraint(zeros[0], param_shardings(zeros[0], mesh)), *zeros[1:])
         if sharded:  # the carry holds this device's sums, which differ between devices
             zeros = jax.lax.pcast(zeros, sharding.DATA_AXIS, to="varying")
         out, _ = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(n_micro)))
@@ -172,7 +205,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
                 per_device_sums, mesh=mesh, in_specs=(P(), P(None, sharding.DATA_AXIS), P()), out_specs=P(),
             )(state.params, batch, state.step)
         else:
-            grads, sums, moe_sums = accumulated_sums(state.params, batch, jax.random.fold_in(base_key, state.step))
+            with sharding.partitioned(mesh if spmd else None):  # the model's activation constraints (SPMD)
+                grads, sums, moe_sums = accumulated_sums(state.params, batch, jax.random.fold_in(base_key, state.step))
         # The objective is a token sum: dividing by the token count makes it the token mean over all
         # micro-batches (and devices), exactly what one big batch would give.
         weight = jnp.maximum(sums.weight, 1.0)
@@ -197,19 +231,60 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
     return train_step
 
 
-def compile_train_step(train_step, mesh):
-    """jit the train step: state replicated and donated, batch `[K, B, L]` split along B."""
-    replicated = sharding.replicated(mesh)
-    return jax.jit(train_step, in_shardings=(replicated, sharding.batch_sharding(mesh, batch_axis=1)),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
+def param_shardings(params, mesh):
+    """The NamedSharding of every parameter (or gradient) on `mesh`: replicated on a data-parallel mesh,
+    else split by its logical axes (models/axes.py) and the rules of jaxllm/sharding.py."""
+    if sharding.is_data_parallel(mesh):
+        return jax.tree.map(lambda _: sharding.replicated(mesh), params)
+    return sharding.logical_shardings(axes_lib.logical_axes(params), params, mesh)
 
 
-def make_eval_step(model: nn.Module, config, mesh):
-    """jit `eval_step(params, batch) -> LossSums` for one `[B, L]` batch (sums: combine over batches)."""
+def state_shardings(abstract: TrainState, mesh) -> TrainState:
+    """Shardings of a TrainState (shapes from `abstract_state`): parameters by `param_shardings`, every
+    optimizer-state array shaped like a parameter (Adam's moments, Muon's momentum) as that parameter, the
+    rest (step counters, scalars) replicated. An optimizer-state array is matched to the parameter whose path
+    ends its own path (optax wraps the parameter tree in its state tuples and dicts)."""
+    params = param_shardings(abstract.params, mesh)
     replicated = sharding.replicated(mesh)
+    by_path = {_dict_path(path): (leaf.shape, params_sharding) for (path, leaf), params_sharding in zip(
+        jax.tree_util.tree_flatten_with_path(abstract.params)[0], jax.tree.leaves(params))}
+
+    def opt_sharding(path, leaf):
+        names = _dict_path(path)
+        for start in range(len(names)):
+            match = by_path.get(names[start:])
+            if match is not None and match[0] == tuple(leaf.shape):
+                return match[1]
+        return replicated
+
+    opt_state = jax.tree_util.tree_map_with_path(opt_sharding, abstract.opt_state)
+    return TrainState(step=replicated, params=params, opt_state=opt_state)
+
+
+def _dict_path(path) -> tuple[str, ...]:
+    """The dict keys of a key path (tuple indices and attribute names of optax's states left out)."""
+    return tuple(str(key.key) for key in path if isinstance(key, jax.tree_util.DictKey))
+
+
+def compile_train_step(train_step, mesh, shardings: TrainState | None = None):
+    """jit the train step: state placed by `shardings` (default: replicated) and donated, batch `[K, B, L]`
+    split along B over the batch axes."""
+    replicated = sharding.replicated(mesh)
+    state_in = replicated if shardings is None else shardings
+    return jax.jit(train_step, in_shardings=(state_in, sharding.batch_sharding(mesh, batch_axis=1)),
+                   out_shardings=(state_in, replicated), donate_argnums=0)
+
+
+def make_eval_step(model: nn.Module, config, mesh, params_sharding=None):
+    """jit `eval_step(params, batch) -> LossSums` for one `[B, L]` batch (sums: combine over batches).
+    `params_sharding`: where the params live (default: replicated)."""
+    replicated = sharding.replicated(mesh)
+    spmd = mesh.size > 1 and not sharding.is_data_parallel(mesh)
 
     def eval_step(params, batch: Batch) -> loss_lib.LossSums:
-        logits_BxLxV = model.apply({"params": params}, batch["inputs"], deterministic=True, **packed_inputs(batch))
+        with sharding.partitioned(mesh if spmd else None):
+            logits_BxLxV = model.apply({"params": params}, batch["inputs"], deterministic=True, **packed_inputs(batch))
         return loss_lib.cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
 
-    return jax.jit(eval_step, in_shardings=(replicated, sharding.batch_sharding(mesh)), out_shardings=replicated)
+    return jax.jit(eval_step, in_shardings=(params_sharding or replicated, sharding.batch_sharding(mesh)),
+                   out_shardings=replicated)

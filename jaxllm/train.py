@@ -22,13 +22,14 @@ from jaxllm import config as config_lib
 from jaxllm import hardware, hugepages, pretrained
 from jaxllm import finetune as finetune_lib
 from jaxllm import loop
-from jaxllm import models, optim, sharding, step as step_lib
+from jaxllm import models, optim, sharding
+from jaxllm import stage as stage_lib
 from jaxllm.config import ConfigError
 from jaxllm.data import batches as batches_lib
 from jaxllm.data.prepare import prepare
 from jaxllm.data.sources import DataError
 from jaxllm.loop import TrainingError
-from jaxllm.metrics import MetricsWriter, read_metrics
+from jaxllm.metrics import read_metrics
 from jaxllm.tokenizer import TokenizerError, get_tokenizer
 
 
@@ -52,12 +53,6 @@ def describe(config) -> dict[str, Any]:
     }
 
 
-def check_batch_layout(config, mesh) -> None:
-    if config.train.batch_size % mesh.size:
-        raise ConfigError(f"train.batch_size ({config.train.batch_size}) must be divisible by the {mesh.size} devices "
-                          f"of the mesh; change it or set train.num_devices")
-
-
 def check_vocab(config, tokenizer) -> None:
     if config.model.vocab_size < tokenizer.n_vocab:
         padded = -(-tokenizer.n_vocab // 64) * 64
@@ -75,18 +70,13 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     check_vocab(config, tokenizer)
     # Tokenize first: prepare's workers start from a fork server (never a fork of this JAX process).
     data_dir = prepare(config.data, tokenizer, progress=t.progress)
-    mesh = sharding.make_mesh(t.num_devices)
-    check_batch_layout(config, mesh)
-    checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints,
-                                               async_save=checkpoint_lib.use_async(t.async_checkpoint))
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        checkpointer.check_compatible(latest, m)
-        checkpoint_lib.check_moe_compatible(checkpointer, latest, config)
-
+    mesh = stage_lib.make_mesh(config, {"train.batch_size": t.batch_size})
     train_tokens = batches_lib.open_tokens(data_dir / "train.bin")
     val_tokens = batches_lib.open_tokens(data_dir / "val.bin")
     L, B, K = m.sequence_length, t.batch_size, t.grad_accum
+    batches_lib.train_batch(train_tokens, seed=config.data.seed, step=0, batch_size=1, seq_len=L)  # length check
+
+    run = stage_lib.open_stage(config, workdir, build, mesh)
     if t.eval_batches:  # a fixed sample of the validation windows, placed on the mesh once
         eval_batches = [sharding.shard_batch(b, mesh) for b in
                         batches_lib.eval_batches(val_tokens, n_batches=t.eval_batches, batch_size=B, seq_len=L)]
@@ -98,39 +88,7 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     def evaluate_val(params) -> dict[str, float]:
         batches = eval_batches if eval_batches is not None else (
             sharding.shard_batch(b, mesh) for b in batches_lib.all_eval_batches(val_tokens, batch_size=B, seq_len=L))
-        return loop.evaluate(eval_step, params, batches)
-
-    batches_lib.train_batch(train_tokens, seed=config.data.seed, step=0, batch_size=1, seq_len=L)  # length check
-
-    model = models.build_model(m, config.moe)
-    optimizer = optim.make_optimizer(config)  # its state's structure does not depend on train.steps
-    eval_step = step_lib.make_eval_step(model, config, mesh)
-
-    replicated = sharding.replicated(mesh)
-    if latest is None:
-        state = jax.jit(lambda: step_lib.init_state(model, optimizer, config), out_shardings=replicated)()
-        meta = {}
-    else:
-        abstract = step_lib.abstract_state(model, optimizer, config)
-        state, meta = checkpointer.restore(latest, abstract, jax.tree.map(lambda _: replicated, abstract))
-    start_step = int(jax.device_get(state.step))
-    # fit_steps_to_budget: a resume keeps the step count its run fitted (the schedule it trained with).
-    fitted_steps = meta.get("fitted_steps") if t.fit_steps_to_budget else None
-
-    def refit(steps: int):
-        """The train step for a schedule of `steps` steps, recorded in config.json (train.steps)."""
-        (workdir / "config.json").write_text(config_lib.to_json(config_lib.with_train_steps(config, steps)))
-        return build_train_step(config_lib.with_train_steps(config, steps), model, mesh)
-
-    train_step = refit(fitted_steps or t.steps)
-    writer = MetricsWriter(workdir, resume_step=latest)
-
-    tokens_per_step = B * K * L
-
-    def save(step_number: int, state, loop_meta: dict[str, Any]) -> None:
-        checkpointer.save(step_number, state, {
-            "step": step_number, **loop_meta,
-            "model_shape": checkpoint_lib.shape_signature(m), "moe_shape": checkpoint_lib.moe_shape_signature(config)})
+        return loop.evaluate(run.eval_step, params, batches)
 
     def host_batch(step_number: int) -> dict[str, np.ndarray]:
         flat = batches_lib.train_batch(train_tokens, seed=config.data.seed, step=step_number,
@@ -138,48 +96,35 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
         return {name: array.reshape(K, B, *array.shape[1:]) for name, array in flat.items()}
 
     full_eval_batches = -(-batches_lib.num_windows(len(val_tokens), L) // B) if t.full_eval_at_end else 0
-    try:
-        result = loop.run_loop(
-            state, train_cfg=t, train_step=train_step, host_batch=host_batch,
-            shard=lambda batch: sharding.shard_batch(batch, mesh, batch_axis=1),
-            evaluate_params=evaluate_val,
-            save=save, writer=writer, last_good_step=checkpointer.latest_step,
-            elapsed_before=float(meta.get("elapsed_s", 0.0)), tokens_seen=start_step * tokens_per_step,
-            # MFU: model FLOPs per token over peak FLOP/s (a GPU table, or this CPU's matmul measured once).
-            flops_per_token=models.flops_per_token(m, config.moe), peak_flops=hardware.peak_flops(m.dtype, mesh.size)[0],
-            fitted_steps=fitted_steps, refit=refit, final_eval_scale=full_eval_batches / n_eval_batches)
-    finally:
-        checkpointer.wait_until_finished()  # an asynchronous save in flight is complete before anything goes on
+    start_step = int(jax.device_get(run.state.step))
+    result = stage_lib.train(
+        run, host_batch=host_batch, evaluate_params=evaluate_val, save_meta={}, name="the run",
+        budget_field="train.max_duration_s", tokens_seen=start_step * B * K * L,
+        # MFU: model FLOPs per token over peak FLOP/s (a GPU table, or this CPU's matmul measured once).
+        flops_per_token=models.flops_per_token(m, config.moe), peak_flops=hardware.peak_flops(m.dtype, mesh.size)[0],
+        final_eval_scale=full_eval_batches / n_eval_batches)
     state, step_number, stop_reason = result.state, result.step, result.stop_reason
-
     if result.interrupted:
-        writer.close()
-        checkpointer.close()
-        print(f"{stop_reason}: saved checkpoint at step {step_number} in {checkpointer.directory}; "
-              f"run the same command again to resume", file=sys.stderr)
         return {"step": step_number, "stopped": stop_reason}
 
     summary = {"step": step_number, "train": result.train, "val": result.val}
     if stop_reason:
         summary["stopped"] = stop_reason
-    loop.report_end(result, meta, run="the run", workdir=workdir, budget_field="train.max_duration_s")
-    if t.full_eval_at_end and not _has_full_eval(writer.path, step_number):
+    if t.full_eval_at_end and not _has_full_eval(run.writer.path, step_number):
         if not t.eval_batches and result.val.get("step") == step_number:  # that evaluation was already the full one
             full_metrics = {k: v for k, v in result.val.items() if k not in ("step", "split")}
         else:
-            full = batches_lib.all_eval_batches(val_tokens, batch_size=B, seq_len=L)
-            full_metrics = loop.evaluate(eval_step, state.params, full)
-        summary["val_full"] = writer.write(step_number, "val", {**full_metrics, "full": True}, tag="val_full")
-    writer.close()
-    checkpointer.close()
+            full = (sharding.shard_batch(b, mesh) for b in
+                    batches_lib.all_eval_batches(val_tokens, batch_size=B, seq_len=L))
+            full_metrics = loop.evaluate(run.eval_step, state.params, full)
+        summary["val_full"] = run.writer.write(step_number, "val", {**full_metrics, "full": True}, tag="val_full")
+    run.close()
     return summary
 
 
-def build_train_step(config, model, mesh):
-    """The compiled train step of `config`: optimizer and schedule from config.optim, over config.train.steps."""
-    optimizer = optim.make_optimizer(config)
-    step = step_lib.make_train_step(model, optimizer, optim.make_schedule(config), config, mesh)
-    return step_lib.compile_train_step(step, mesh)
+def build(config):
+    """(model, optimizer, schedule) of pretraining: optimizer and schedule from config.optim over train.steps."""
+    return models.build_model(config.model, config.moe), optim.make_optimizer(config), optim.make_schedule(config)
 
 
 def run_stages(config, workdir: str | pathlib.Path) -> dict[str, Any]:

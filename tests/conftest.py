@@ -41,8 +41,8 @@ def _interrupted(monkeypatch, call_number, action):
 
     original, calls = step_lib.compile_train_step, {"n": 0}
 
-    def patched(step_fn, mesh):
-        compiled = original(step_fn, mesh)
+    def patched(step_fn, mesh, *placement):
+        compiled = original(step_fn, mesh, *placement)
 
         def wrapper(state, batch):
             calls["n"] += 1

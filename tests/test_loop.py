@@ -37,8 +37,8 @@ def fake_timing(monkeypatch, kill_at=None):
     monkeypatch.setattr(loop_lib, "clock", clock)
     original_compile, original_evaluate = step_lib.compile_train_step, loop_lib.evaluate
 
-    def compile_train_step(fn, mesh):
-        compiled = original_compile(fn, mesh)
+    def compile_train_step(fn, mesh, *placement):
+        compiled = original_compile(fn, mesh, *placement)
         counts["compiles"] += 1
 
         def timed_step(state, batch):

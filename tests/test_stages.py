@@ -55,8 +55,8 @@ def test_finetune_starts_from_exactly_the_pretrained_params_with_fresh_optimizer
     first_states = []
     original = step_lib.compile_train_step
 
-    def spy(fn, mesh):  # records the state each compiled step (one per stage) is first called with
-        compiled, slot = original(fn, mesh), len(first_states)
+    def spy(fn, mesh, *placement):  # records the state each compiled step (one per stage) is first called with
+        compiled, slot = original(fn, mesh, *placement), len(first_states)
         first_states.append(None)
 
         def wrapper(state, batch):

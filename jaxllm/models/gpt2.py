@@ -13,6 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.models import layers
+from jaxllm import sharding
+
+# Hidden states split by rows over the batch axes in an SPMD-partitioned step (jaxllm/sharding.py).
+ACTIVATION_AXES = ("batch", "length", "act_embed")
 
 Dtype = Any
 
@@ -97,6 +101,7 @@ class GPT2(nn.Module):
         positions_L = jnp.arange(l) if cache is None else position + jnp.arange(l)
         x_BxLxD = embed(tokens_BxL) + pos_embed(positions_L)[None]
         x_BxLxD = nn.Dropout(self.dropout)(x_BxLxD, deterministic=deterministic)
+        x_BxLxD = sharding.constrain(x_BxLxD, ACTIVATION_AXES)
         block_cls = layers.remat_block(Block, self.remat) if cache is None else Block
         new_cache = []
         for i in range(self.n_layer):
@@ -106,6 +111,7 @@ class GPT2(nn.Module):
                               residual_dtype=self.residual_dtype, name=f"blocks_{i}")
             if cache is None:
                 x_BxLxD = block(x_BxLxD, deterministic)
+                x_BxLxD = sharding.constrain(x_BxLxD, ACTIVATION_AXES)
             else:
                 x_BxLxD, layer_cache = block(x_BxLxD, deterministic, cache[i], position)
                 new_cache.append(layer_cache)

@@ -20,6 +20,10 @@ import jax.numpy as jnp
 
 from jaxllm.models import layers
 from jaxllm.models.moe import MoEFeedForward, MoESpec
+from jaxllm import sharding
+
+# Hidden states split by rows over the batch axes in an SPMD-partitioned step (jaxllm/sharding.py).
+ACTIVATION_AXES = ("batch", "length", "act_embed")
 
 Dtype = Any
 
@@ -131,6 +135,7 @@ class Llama(nn.Module):
         embed = layers.Embed(self.vocab_size, self.n_embd, std=self.init_std, dtype=self.residual_dtype,
                              param_dtype=self.param_dtype, name="embed")
         x_BxLxD = nn.Dropout(self.dropout)(embed(tokens_BxL), deterministic=deterministic)
+        x_BxLxD = sharding.constrain(x_BxLxD, ACTIVATION_AXES)
         block_cls = layers.remat_block(Block, self.remat) if cache is None else Block
         new_cache = []
         for i in range(self.n_layer):
@@ -143,8 +148,10 @@ class Llama(nn.Module):
                               head_dim=self.head_dim, rope_scaling=self.rope_scaling, name=f"blocks_{i}")
             if cache is None and segment_ids_BxL is None and positions_BxL is None:
                 x_BxLxD = block(x_BxLxD, deterministic)
+                x_BxLxD = sharding.constrain(x_BxLxD, ACTIVATION_AXES)
             elif cache is None:  # positional: nn.remat's static_argnums count positions
                 x_BxLxD = block(x_BxLxD, deterministic, None, None, None, segment_ids_BxL, positions_BxL)
+                x_BxLxD = sharding.constrain(x_BxLxD, ACTIVATION_AXES)
             else:
                 x_BxLxD, layer_cache = block(x_BxLxD, deterministic, cache[i], position, start_B)
                 new_cache.append(layer_cache)
