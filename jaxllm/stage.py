@@ -74,7 +74,13 @@ class Stage:
 
 
 def state_shardings(config, model, optimizer, mesh) -> tuple[step_lib.TrainState, step_lib.TrainState]:
-    """(abstract state, its shardings on `mesh`); ConfigError when a sharded dimension does not split."""
+    """(abstract state, its shardings on `mesh`); ConfigError when a sharded dimension does not split
+    (tensor parallelism splits whole heads: n_head and n_kv_head must be multiples of the tensor axis)."""
+    m, tensor = config.model, mesh.shape["tensor"]
+    for name, count in (("model.n_head", m.n_head), ("model.n_kv_head", m.n_kv_head or m.n_head)):
+        if count % tensor:
+            raise ConfigError(f"{name} ({count}) must be divisible by the mesh's tensor axis ({tensor}): tensor "
+                              f"parallelism splits whole heads; change train.mesh")
     abstract = step_lib.abstract_state(model, optimizer, config)
     try:
         return abstract, step_lib.state_shardings(abstract, mesh)
