@@ -187,3 +187,23 @@ def test_eight_device_meshes_train_like_one_device(tmp_path):
     assert set(rows) == {"data:8", "fsdp:8", "data:2,fsdp:4", "data:4,tensor:2"}, out.stdout
     for spec, diff in rows.items():
         assert float(diff) <= LOSS_TOL, (spec, diff)
+
+
+def test_two_stage_run_with_lora_on_sharded_meshes(tmp_path):
+    """Pretraining on fsdp:4, then a LoRA fine-tune on data:2,tensor:2 with MathQA scoring: the fine-tune's
+    losses equal the same fine-tune's on one device (float tolerance), from the same pretrained checkpoint."""
+    from test_stages import staged_config
+
+    from jaxllm import finetune as finetune_lib
+
+    config = staged_config(tmp_path, **{"train.num_devices": 4, "train.mesh": "fsdp:4", "finetune.train.steps": 3,
+                                        "finetune.lora.rank": 2, "mathqa.eval_shots": "0",
+                                        "finetune.train.num_devices": 4, "finetune.train.mesh": "data:2,tensor:2"})
+    summary = train_lib.run_stages(config, tmp_path / "run")
+    assert summary["finetune"]["mathqa_0shot"]["n"] == 4
+    one = config_lib.stage_config(staged_config(tmp_path, **{"finetune.train.steps": 3, "finetune.lora.rank": 2,
+                                                             "mathqa.eval_shots": ""}), "finetune")
+    finetune_lib.finetune(one, tmp_path / "one", tmp_path / "run" / "pretrain")
+    got, want = losses(tmp_path / "run" / "finetune"), losses(tmp_path / "one")
+    assert [s for s, _ in got] == [s for s, _ in want] == [1, 2, 3]
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=0, atol=LOSS_TOL)
