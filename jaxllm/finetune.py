@@ -36,7 +36,7 @@ from jaxllm import hardware, models, optim, pretrained, sharding, step as step_l
 from jaxllm.config import ConfigError
 from jaxllm.data import mathqa
 from jaxllm.data import sft as sft_data
-from jaxllm.metrics import MetricsWriter, read_metrics
+from jaxllm.metrics import MetricsWriter
 from jaxllm.models import lora as lora_lib
 from jaxllm.tokenizer import get_tokenizer
 
@@ -154,6 +154,10 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
           f"{' (LoRA rank ' + str(config.finetune.lora.rank) + ')' if config.finetune.lora.rank else ''}", file=sys.stderr)
 
     val_batches = data.val_batches(t.batch_size, t.eval_batches)
+    rows = sharding.process_rows(mesh, (t.grad_accum, t.batch_size), batch_axis=1)  # this process's rows
+
+    def on_mesh(batches):
+        return (sharding.shard_batch(b, mesh) for b in batches)
 
     def save(step_number: int, state, loop_meta: dict[str, Any]) -> None:
         checkpointer.save(step_number, state, {"step": step_number, "stage": "finetune", **loop_meta,
@@ -164,9 +168,10 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
         result = loop.run_loop(
             state, train_cfg=t, train_step=train_step,
             host_batch=lambda step: data.train_batch(seed=data_seed, step=step, batch_size=t.batch_size,
-                                                     grad_accum=t.grad_accum),
-            shard=lambda batch: sharding.shard_batch(batch, mesh, batch_axis=1),
-            evaluate_params=lambda params: loop.evaluate(eval_step, params, val_batches),
+                                                     grad_accum=t.grad_accum, rows=rows),
+            shard=lambda batch: sharding.shard_batch(batch, mesh, batch_axis=1, global_rows=t.batch_size),
+            token_share=(rows[1] - rows[0]) / t.batch_size,
+            evaluate_params=lambda params: loop.evaluate(eval_step, params, on_mesh(val_batches)),
             save=save, writer=writer, last_good_step=checkpointer.latest_step,
             elapsed_before=float(meta.get("elapsed_s", 0.0)), tokens_seen=int(meta.get("tokens_seen", 0)),
             nan_hint="lower finetune.optim.lr", fitted_steps=fitted_steps, refit=refit,
@@ -192,13 +197,13 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
     loop.report_end(result, meta, run="the fine-tune", workdir=workdir, budget_field="finetune.train.max_duration_s")
 
     # A stage killed during these final evaluations redoes only the ones it had not written yet.
-    rows = [r for r in read_metrics(writer.path) if r["step"] == step_number]
+    rows = [r for r in writer.rows if r["step"] == step_number]
     done_shots = {r["shots"] for r in rows if r["split"] == "mathqa"}
     if t.full_eval_at_end and not any(r.get("full") for r in rows):
         if not t.eval_batches and result.val.get("step") == step_number:  # that evaluation was already the full one
             full = {k: v for k, v in result.val.items() if k not in ("step", "split")}
         else:
-            full = loop.evaluate(eval_step, state.params, data.val_batches(t.batch_size))
+            full = loop.evaluate(eval_step, state.params, on_mesh(data.val_batches(t.batch_size)))
         summary["val_full"] = writer.write(step_number, "val", {**full, "full": True}, tag="val_full")
     params = state.params
     if lora_lib.is_lora(params):
