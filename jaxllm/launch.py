@@ -83,7 +83,7 @@ def launch(command: list[str], num_processes: int, devices_per_process: int | No
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     exit_code = 0
     try:
-        while any(child.poll() is None for child in children):
+        while [child.poll() for child in children].count(None):  # every child polled each time round
             failed = [child for child in children if child.returncode not in (None, 0)]
             if failed and not exit_code:
                 exit_code = _exit_code(failed[0].returncode)
