@@ -133,7 +133,6 @@ def initialize(settings: Settings) -> None:
 
     DistributedError when the coordinator cannot be reached within `settings.timeout_s` (processes other
     than 0) or its port cannot be opened (process 0)."""
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
     timeout_s = settings.timeout_s
     if settings.coordinator_address is not None and settings.process_id is not None:
         host, port = _split_address(settings.coordinator_address)
@@ -143,6 +142,7 @@ def initialize(settings: Settings) -> None:
         else:
             _wait_for_coordinator(host, port, settings.coordinator_address, timeout_s)
         timeout_s = max(1, int(timeout_s - (time.monotonic() - began)))
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
     jax.distributed.initialize(
         coordinator_address=settings.coordinator_address, num_processes=settings.num_processes,
         process_id=settings.process_id,

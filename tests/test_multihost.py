@@ -111,17 +111,19 @@ def test_process_rows_and_shard_batch_from_process_rows():
     assert sharding.to_host(jax.device_put(whole["inputs"], sharding.batch_sharding(mesh))).shape == (8, 32)
 
 
-def test_unreachable_coordinator_is_one_sentence(tmp_path):
+def test_unreachable_coordinator_is_one_sentence(tmp_path, capsys):
+    """`python -m jaxllm.train`'s main, in this process: the probe of the coordinator fails before
+    jax.distributed.initialize is called, so nothing of JAX's runtime is set up here."""
     port = launch.free_port()  # nobody listens there
-    result = subprocess.run(
-        [sys.executable, "-m", "jaxllm.train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "run"),
-         "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", "1",
-         "--initialization_timeout", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    code = train_lib.main(["--config", str(ROOT / "configs/tiny.py"), "--workdir", str(tmp_path / "run"),
+                           "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", "1",
+                           "--initialization_timeout", "1"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"error: the coordinator at 127.0.0.1:{port} could not be reached within 1 s (Connection refused); start "
         f"process 0 there first, check the address and port (and the firewall), or raise --initialization_timeout"]
     assert not (tmp_path / "run").exists()
+    assert not distributed.is_multiprocess()
 
 
 def test_launcher_kills_the_rest_and_returns_the_first_failure():
