@@ -32,7 +32,7 @@ from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import eval as eval_lib
 from jaxllm import loop
 from jaxllm import config as config_lib
-from jaxllm import hardware, models, optim, pretrained, sharding, step as step_lib
+from jaxllm import distributed, hardware, models, optim, pretrained, sharding, step as step_lib
 from jaxllm.config import ConfigError
 from jaxllm.data import mathqa
 from jaxllm.data import sft as sft_data
@@ -127,7 +127,7 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
             raise ConfigError("the finetune stage has nothing to start from; set finetune.init_from or run pretrain first")
         params = initial_params(config, init_from)
         state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
-        state = jax.device_put(state, replicated)
+        state = sharding.put_replicated(state, mesh)
         meta = {}
     else:
         checkpointer.check_compatible(latest, m)
@@ -141,7 +141,8 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
 
     def refit(steps: int):
         """The train step for a schedule of `steps` steps, recorded in config.json (train.steps)."""
-        (workdir / "config.json").write_text(config_lib.to_json(config_lib.with_train_steps(config, steps)))
+        if distributed.is_primary():
+            (workdir / "config.json").write_text(config_lib.to_json(config_lib.with_train_steps(config, steps)))
         return build_train_step(config_lib.with_train_steps(config, steps), mesh)
 
     train_step = refit(fitted_steps or t.steps)
@@ -255,7 +256,8 @@ def load_data(config, tokenizer, workdir: pathlib.Path):
         data = mathqa.FinetuneData(questions, tokenizer, max_length=max_length, pad_multiple=q.pad_multiple,
                                    rationale=q.rationale, packing=packing)
         report_file, name = workdir / "mathqa_parse.json", "mathqa"
-    report_file.write_text(json.dumps(reports, indent=2))
+    if distributed.is_primary():  # one writer of the stage's files
+        report_file.write_text(json.dumps(reports, indent=2))
     for split, report in reports.items():
         if isinstance(report, dict) and report["skipped"]:
             print(f"{name} {split}: skipped {report['rows'] - report['read']} of {report['rows']} rows: "

@@ -84,6 +84,20 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, batch_axis: int = 0,
     return out
 
 
+def put_replicated(tree, mesh: Mesh):
+    """`tree`'s arrays copied whole onto every device of the mesh (`replicated`). Several processes: each
+    fills its own devices from its host copy (all processes must hold the same values)."""
+    target = replicated(mesh)
+    if target.is_fully_addressable:
+        return jax.device_put(tree, target)
+
+    def place(leaf):
+        host = np.asarray(jax.device_get(leaf))
+        return jax.make_array_from_callback(host.shape, target, lambda index: host[index], dtype=host.dtype)
+
+    return jax.tree.map(place, tree)
+
+
 def to_host(array: jax.Array) -> np.ndarray:
     """The whole of a (possibly sharded) device array as numpy, in every process (several processes: an
     all-gather of the parts the others hold)."""
