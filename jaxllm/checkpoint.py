@@ -27,6 +27,10 @@ Faults, and what the user sees:
   detected (the stored chunks carry no checksum).
 - `locate` (init_from, jaxllm.eval, jaxllm.generate) picks the newest step whose metadata and params load,
   with the same warning; it moves nothing.
+- Several processes (jaxllm/distributed.py): every process calls save and restore (orbax writes each
+  array's shards from the processes that hold them, and process 0 the metadata and the final rename);
+  each reads a step back in `latest_step` and reaches the same verdict, and process 0 alone moves a
+  corrupt step aside, between two barriers. The checkpoints folder must be one every process sees.
 - `restore_params` reads only the `params` subtree (orbax partial restore), with a target built from the
   saved tree's metadata and placed on this process's devices: a checkpoint written on 4 devices loads on 1,
   and the optimizer state is never read.
@@ -46,6 +50,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxllm import distributed
 
 # Model fields that change parameter shapes: a checkpoint can only be restored into the same values.
 SHAPE_FIELDS = ("name", "n_layer", "n_embd", "n_head", "n_kv_head", "vocab_size", "mlp_hidden",
@@ -258,7 +264,11 @@ class Checkpointer:
         while target.exists():
             n += 1
             target = self.directory / f"corrupt-{step}-{n}"
-        os.replace(self.directory / str(step), target)
+        # Several processes: each found the same step unreadable; process 0 alone moves it, the others wait.
+        distributed.barrier(f"jaxllm-set-aside-{step}-start")  # no process still reading it, none past the check
+        if distributed.is_primary():
+            os.replace(self.directory / str(step), target)
+        distributed.barrier(f"jaxllm-set-aside-{step}-done")
         self._manager.reload()
         return f"moved it to {target.name}, "
 
@@ -288,10 +298,10 @@ class Checkpointer:
         """The `params` subtree of checkpoint `step` (float32 as saved; LoRA runs: {"base", "lora"}).
 
         Shapes and dtypes come from the saved tree's metadata; every array is placed with `sharding`
-        (default: this process's first device), whatever devices wrote it. The optimizer state is not read.
+        (default: this process's first local device), whatever devices wrote it. The optimizer state is not read.
         """
         self.wait_until_finished()
-        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         try:
             saved = self._saved_tree(step)["params"]
             target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),

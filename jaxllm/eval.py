@@ -154,8 +154,8 @@ def _score_cached(score_fn, params, context_ids, option_ids, *, max_length, batc
             for o, option in enumerate(option_ids[i]):
                 opts[k * row + o, :len(option)] = option
                 weights[k * row + o, :len(option)] = 1.0
-        arrays = [jax.device_put(a, sharding.batch_sharding(mesh)) for a in (context, start, opts, weights)]
-        out = np.asarray(jax.device_get(score_fn(params, *arrays)))
+        placed = sharding.shard_batch({"context": context, "start": start, "opts": opts, "weights": weights}, mesh)
+        out = sharding.to_host(score_fn(params, *placed.values()))  # several processes: every part gathered
         scores[chunk] = out.reshape(q_batch, k)[:len(chunk)]
     return scores, cut_N
 
@@ -193,7 +193,7 @@ def _score_rows(score_fn, params, rows, *, max_length, batch_size, pad_multiple,
         examples = [rows[r] for r in chunk]
         seq_len = mathqa.padded_length((len(ids) for ids, _ in examples), pad_multiple, max_length)
         batch = sharding.shard_batch(mathqa.make_batch(examples, batch_size, seq_len), mesh)
-        scores[chunk] = np.asarray(jax.device_get(score_fn(params, batch)))[:len(chunk)]
+        scores[chunk] = sharding.to_host(score_fn(params, batch))[:len(chunk)]
     return scores
 
 

@@ -31,13 +31,11 @@ import orbax.checkpoint as ocp
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import eval as eval_lib
 from jaxllm import loop
-from jaxllm import config as config_lib
-from jaxllm import hardware, models, optim, pretrained, sharding, step as step_lib
+from jaxllm import distributed, hardware, models, optim, pretrained, sharding, step as step_lib
 from jaxllm import stage as stage_lib
 from jaxllm.config import ConfigError
 from jaxllm.data import mathqa
 from jaxllm.data import sft as sft_data
-from jaxllm.metrics import MetricsWriter, read_metrics
 from jaxllm.models import lora as lora_lib
 from jaxllm.tokenizer import get_tokenizer
 
@@ -131,10 +129,14 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
           f"{' (LoRA rank ' + str(config.finetune.lora.rank) + ')' if config.finetune.lora.rank else ''}", file=sys.stderr)
 
     val_batches = data.val_batches(t.batch_size, t.eval_batches)
+
+    def on_mesh(batches):
+        return (sharding.shard_batch(b, mesh) for b in batches)
+
     result = stage_lib.train(
         run, host_batch=lambda step: data.train_batch(seed=data_seed, step=step, batch_size=t.batch_size,
-                                                      grad_accum=t.grad_accum),
-        evaluate_params=lambda params: loop.evaluate(run.eval_step, params, val_batches),
+                                                      grad_accum=t.grad_accum, rows=run.rows),
+        evaluate_params=lambda params: loop.evaluate(run.eval_step, params, on_mesh(val_batches)),
         save_meta={"stage": "finetune"}, name="the fine-tune", budget_field="finetune.train.max_duration_s",
         tokens_seen=int(run.meta.get("tokens_seen", 0)), nan_hint="lower finetune.optim.lr",
         # MFU for full fine-tuning; a LoRA step skips the frozen base's weight gradients (a third of
@@ -153,13 +155,13 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
     writer, eval_step = run.writer, run.eval_step
 
     # A stage killed during these final evaluations redoes only the ones it had not written yet.
-    rows = [r for r in read_metrics(writer.path) if r["step"] == step_number]
+    rows = [r for r in writer.rows if r["step"] == step_number]
     done_shots = {r["shots"] for r in rows if r["split"] == "mathqa"}
     if t.full_eval_at_end and not any(r.get("full") for r in rows):
         if not t.eval_batches and result.val.get("step") == step_number:  # that evaluation was already the full one
             full = {k: v for k, v in result.val.items() if k not in ("step", "split")}
         else:
-            full = loop.evaluate(eval_step, state.params, data.val_batches(t.batch_size))
+            full = loop.evaluate(eval_step, state.params, on_mesh(data.val_batches(t.batch_size)))
         summary["val_full"] = writer.write(step_number, "val", {**full, "full": True}, tag="val_full")
     params = state.params
     if lora_lib.is_lora(params):
@@ -171,7 +173,7 @@ def finetune(config, workdir: str | pathlib.Path, init_from: str | pathlib.Path 
     base_model = models.build(config)
     # Scoring runs data-parallel over the stage's devices, the params replicated (jaxllm/eval.py).
     score_mesh = sharding.make_mesh(mesh.size)
-    params = jax.device_put(params, sharding.replicated(score_mesh))
+    params = jax.jit(lambda p: p, out_shardings=sharding.replicated(score_mesh))(params)
     test = questions["test"][:q.eval_questions] if q.eval_questions else questions["test"]
     for shots in [int(s) for s in q.eval_shots.split(",") if s.strip()]:
         if shots in done_shots:
@@ -212,7 +214,8 @@ def load_data(config, tokenizer, workdir: pathlib.Path):
         data = mathqa.FinetuneData(questions, tokenizer, max_length=max_length, pad_multiple=q.pad_multiple,
                                    rationale=q.rationale, packing=packing)
         report_file, name = workdir / "mathqa_parse.json", "mathqa"
-    report_file.write_text(json.dumps(reports, indent=2))
+    if distributed.is_primary():  # one writer of the stage's files
+        report_file.write_text(json.dumps(reports, indent=2))
     for split, report in reports.items():
         if isinstance(report, dict) and report["skipped"]:
             print(f"{name} {split}: skipped {report['rows'] - report['read']} of {report['rows']} rows: "
@@ -227,8 +230,11 @@ def fresh_state(model, optimizer, config) -> step_lib.TrainState:
 
 
 def _export(directory: pathlib.Path, params) -> None:
-    """The merged params alone (orbax StandardSave), for serving without the LoRA wrapper."""
-    if directory.exists():
+    """The merged params alone (orbax StandardSave), for serving without the LoRA wrapper. Several
+    processes: all take part in the save; they agree on whether it exists before any of them writes."""
+    exists = directory.exists()
+    distributed.barrier("lora-export")
+    if exists:
         return
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory.absolute(), params)

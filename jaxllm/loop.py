@@ -177,7 +177,8 @@ def run_loop(state, *, train_cfg, train_step: Callable, host_batch: Callable[[in
              writer, last_good_step: Callable[[], int | None], elapsed_before: float = 0.0,
              tokens_seen: int = 0, flops_per_token: float = 0.0, peak_flops: float = 0.0,
              nan_hint: str = "lower optim.lr or set optim.grad_clip", fitted_steps: int | None = None,
-             refit: Callable[[int], Callable] | None = None, final_eval_scale: float = 0.0) -> LoopResult:
+             refit: Callable[[int], Callable] | None = None, final_eval_scale: float = 0.0,
+             token_share: float = 1.0) -> LoopResult:
     """Run steps from `state.step` to `train_cfg.steps` (or `fitted_steps`); see the module docstring.
 
     `save(step, state, meta)` writes a checkpoint whose metadata includes `meta` (tokens_seen, elapsed_s,
@@ -185,7 +186,10 @@ def run_loop(state, *, train_cfg, train_step: Callable, host_batch: Callable[[in
     returns the validation row's scalars. With train.fit_steps_to_budget and no `fitted_steps` yet,
     `refit(steps)` must return the train step rebuilt for a schedule of `steps` steps (and record the value
     in the workdir's config); `final_eval_scale` is the cost of the stage's final evaluation in periodic
-    evaluations (0 = none), held back from the budget.
+    evaluations (0 = none), held back from the budget. `token_share`: the share of each batch's rows that
+    `host_batch` builds (several processes: this process's rows; 1 = all); its real tokens are divided by it
+    to count the whole batch's (exact when every row is full, as in pretraining; for padded fine-tune rows
+    the other processes' padding is taken to be like this one's).
     """
     t = train_cfg
     step_number = int(jax.device_get(state.step))
@@ -199,7 +203,7 @@ def run_loop(state, *, train_cfg, train_step: Callable, host_batch: Callable[[in
     if fitting and refit is None:
         raise ValueError("train.fit_steps_to_budget needs run_loop(refit=...) to rebuild the train step")
     run_start = clock()
-    progress = _progress_bar(total, step_number, t.progress)
+    progress = _progress_bar(total, step_number, t.progress and jax.process_index() == 0)  # process 0's only
     last_train: dict[str, Any] = {}
     last_val: dict[str, Any] = {}
     stop_reason = None
@@ -298,8 +302,8 @@ def run_loop(state, *, train_cfg, train_step: Callable, host_batch: Callable[[in
         progress.total = total
         progress.refresh()
 
-    prefetcher = Prefetcher(lambda n: _device_batch(host_batch, shard, n), step_number, max(int(t.steps), total),
-                            t.prefetch)
+    prefetcher = Prefetcher(lambda n: _device_batch(host_batch, shard, n, token_share), step_number,
+                            max(int(t.steps), total), t.prefetch)
     try:
         with StopRequest() as stop:
             while step_number < total:
@@ -352,10 +356,13 @@ def report_end(result: LoopResult, meta: dict[str, Any], *, run: str, workdir, b
         print(f"{result.stop_reason}: stopped at step {result.step}; {run} is finished", file=sys.stderr)
 
 
-def _device_batch(host_batch: Callable[[int], dict], shard: Callable, step_number: int) -> tuple[int, Any]:
-    """(real tokens in the batch, the batch on the mesh) of step `step_number`."""
+def _device_batch(host_batch: Callable[[int], dict], shard: Callable, step_number: int,
+                  token_share: float = 1.0) -> tuple[int, Any]:
+    """(real tokens in the batch, the batch on the mesh) of step `step_number`; `host_batch` builds
+    `token_share` of the rows (run_loop)."""
     host = host_batch(step_number)
-    return real_tokens(host), shard(host)
+    n_tokens = real_tokens(host)
+    return (n_tokens if token_share == 1.0 else int(round(n_tokens / token_share))), shard(host)
 
 
 def _progress_bar(total: int, start_step: int, enabled: bool):

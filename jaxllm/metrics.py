@@ -16,9 +16,12 @@ import struct
 import time
 from typing import Any, Iterator
 
+import jax
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.proto.summary_pb2 import Summary
 from tensorboardX.record_writer import masked_crc32c
+
+from jaxllm import distributed
 
 
 def read_metrics(path: str | pathlib.Path) -> list[dict[str, Any]]:
@@ -69,13 +72,24 @@ class MetricsWriter:
     Resuming at step `resume_step` drops the rows and events a killed run wrote after its last checkpoint,
     so both read as if the run had never stopped (see the module docstring); `resume_step=None` starts both
     empty.
+
+    `rows` holds what metrics.jsonl holds (the kept rows, then every row written), in every process.
+
+    In a run of several processes only process 0 writes (`primary`, by default `jax.process_index() == 0`);
+    the others' writer touches no file (they read the old rows before process 0 cuts them, then wait for
+    it) and `write` just returns the row, so every process goes on alike.
     """
 
-    def __init__(self, workdir: str | pathlib.Path, resume_step: int | None = None):
+    def __init__(self, workdir: str | pathlib.Path, resume_step: int | None = None, primary: bool | None = None):
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.primary = jax.process_index() == 0 if primary is None else primary
+        old = read_metrics(self.path) if self.path.exists() else []
+        self.rows = [] if resume_step is None else [r for r in old if r["step"] <= resume_step]
+        distributed.barrier("jaxllm-metrics-read")  # everyone has read the old rows before process 0 cuts them
+        if not self.primary:
+            return
         if self.path.exists():
-            keep = [] if resume_step is None else [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         self._file = open(self.path, "a")
         tensorboard = pathlib.Path(workdir) / "tensorboard"
         old_files = sorted(tensorboard.glob("*tfevents*"))
@@ -91,6 +105,9 @@ class MetricsWriter:
         """Append one row; TensorBoard tags are `{tag or split}/{name}`. Returns the row as written."""
         row = {"step": int(step), "split": split}
         row.update({name: _plain(value) for name, value in scalars.items()})
+        self.rows.append(row)
+        if not self.primary:
+            return row
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         values = [Summary.Value(tag=f"{tag or split}/{name}", simple_value=value) for name, value in row.items()
@@ -101,9 +118,12 @@ class MetricsWriter:
         return row
 
     def flush(self) -> None:
-        self._file.flush()
+        if self.primary:
+            self._file.flush()
 
     def close(self) -> None:
+        if not self.primary:
+            return
         self._file.close()
         self._tb.close()
 

@@ -19,8 +19,12 @@ inside `jax.shard_map` (one gradient all-reduce per optimizer step); on any mesh
 it is one program that XLA's SPMD partitioner splits from the shardings here, with the activations
 constrained to the batch split (`constrain`) so that each device computes its own rows.
 
-One device is the degenerate case: a mesh of one, no collectives. The mesh spans the devices of every
-process (jax.distributed): device order puts each process's devices together along the batch axes.
+One device is the degenerate case: a mesh of one, no collectives.
+
+Several processes (jaxllm/distributed.py): the mesh spans every process's devices (device order puts each
+process's devices together along the batch axes); each process builds only the rows of a batch its own
+devices hold (`process_rows`) and `shard_batch` assembles the global array from the parts; `put_global`
+places host values with any sharding, and `to_host` reads a sharded result back whole in every process.
 """
 
 from __future__ import annotations
@@ -123,10 +127,77 @@ def batch_axes(mesh: Mesh) -> str | tuple[str, ...] | None:
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, batch_axis: int = 0) -> dict[str, jax.Array]:
-    """Put a host batch on the mesh, split along `batch_axis`."""
+def process_rows(mesh: Mesh, global_shape: tuple[int, ...], batch_axis: int = 0) -> tuple[int, int]:
+    """[start, stop): the rows along `batch_axis` of a batch of `global_shape` that this process's devices
+    hold under `batch_sharding(mesh, batch_axis)`, read from the sharding itself (whatever the mesh's axes
+    and device order). Every row in one process: (0, global_shape[batch_axis]).
+
+    A process whose devices hold rows that are not side by side gets the span from the first to the last
+    (it builds a few rows it does not need); `shard_batch` places the ones each device holds.
+    """
+    indices = batch_sharding(mesh, batch_axis).addressable_devices_indices_map(tuple(global_shape)).values()
+    ranges = [index[batch_axis].indices(global_shape[batch_axis])[:2] for index in indices]
+    return min(start for start, _ in ranges), max(stop for _, stop in ranges)
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, batch_axis: int = 0,
+                global_rows: int | None = None) -> dict[str, jax.Array]:
+    """Put a host batch on the mesh, split along `batch_axis`.
+
+    `global_rows` None: `batch` is the whole (global) batch, the same in every process. Otherwise the
+    global batch has `global_rows` rows along `batch_axis` and `batch` holds only this process's rows,
+    `process_rows(mesh, ...)`; each process then builds only its part of the batch and the global array is
+    assembled from the parts (`jax.make_array_from_callback`, each process filling its own devices).
+    One process with the whole batch: a plain `device_put`, as it always was.
+    """
     sharding = batch_sharding(mesh, batch_axis)
-    return {name: jax.device_put(array, sharding) for name, array in batch.items()}
+    whole = global_rows is None or all(a.shape[batch_axis] == global_rows for a in batch.values())
+    if whole and sharding.is_fully_addressable:
+        return {name: jax.device_put(array, sharding) for name, array in batch.items()}
+    out = {}
+    for name, array in batch.items():
+        shape = list(array.shape)
+        shape[batch_axis] = array.shape[batch_axis] if global_rows is None else global_rows
+        start = process_rows(mesh, tuple(shape), batch_axis)[0] if global_rows is not None else 0
+
+        def local_part(index, array=array, start=start):  # index: a device's slices of the global array
+            index = list(index)
+            first, stop, _ = index[batch_axis].indices(shape[batch_axis])
+            index[batch_axis] = slice(first - start, stop - start)
+            return array[tuple(index)]
+
+        out[name] = jax.make_array_from_callback(tuple(shape), sharding, local_part, dtype=array.dtype)
+    return out
+
+
+def put_global(tree, shardings):
+    """`tree`'s arrays placed by `shardings` (a tree of the same structure, or one sharding for all). Several
+    processes: each fills its own devices from its host copy (all processes must hold the same values)."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+    if all(s.is_fully_addressable for s in jax.tree.leaves(shardings)):
+        return jax.device_put(tree, shardings)
+
+    def place(leaf, target):
+        host = np.asarray(jax.device_get(leaf))
+        return jax.make_array_from_callback(host.shape, target, lambda index: host[index], dtype=host.dtype)
+
+    return jax.tree.map(place, tree, shardings)
+
+
+def put_replicated(tree, mesh: Mesh):
+    """`tree`'s arrays copied whole onto every device of the mesh (`put_global` with `replicated`)."""
+    return put_global(tree, replicated(mesh))
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """The whole of a (possibly sharded) device array as numpy, in every process (several processes: an
+    all-gather of the parts the others hold)."""
+    if array.is_fully_addressable or array.is_fully_replicated:
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 # --- activation constraints -------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ wraps it) and what they do at the end. Everything between is here, in the order 
     ... the stage's own final evaluations, then run.close()
 
 `build(config) -> (model, optimizer, schedule)` is the stage's model and optimizer for a config; it is
-called again when fit_steps_to_budget changes the schedule's length.
+called again when fit_steps_to_budget changes the schedule's length. With several processes every process
+runs all of this; each builds only its own rows of a batch (`Stage.rows`), only process 0 writes metrics
+and files, and every process takes part in each checkpoint save.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
-from jaxllm import loop, sharding, step as step_lib
+from jaxllm import distributed, loop, sharding, step as step_lib
 from jaxllm.config import ConfigError
 from jaxllm.metrics import MetricsWriter
 
@@ -66,7 +68,8 @@ class Stage:
     shardings: step_lib.TrainState  # where every array of the state lives on the mesh
     meta: dict[str, Any]  # the resumed checkpoint's metadata ({} when fresh)
     eval_step: Callable
-    writer: MetricsWriter
+    writer: MetricsWriter  # several processes: only process 0's writes files
+    rows: tuple[int, int]  # [start, stop): this process's rows of each micro-batch (all of them in one process)
 
     def close(self) -> None:
         self.writer.close()
@@ -105,7 +108,7 @@ def open_stage(config, workdir: pathlib.Path, build: Build, mesh, *,
     if latest is not None:
         state, meta = checkpointer.restore(latest, abstract, shardings)
     elif initial_params is not None:
-        params = jax.device_put(initial_params(), shardings.params)
+        params = sharding.put_global(initial_params(), shardings.params)
         state = jax.jit(lambda p: step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=p,
                                                       opt_state=optimizer.init(p)), out_shardings=shardings)(params)
         meta = {}
@@ -113,23 +116,26 @@ def open_stage(config, workdir: pathlib.Path, build: Build, mesh, *,
         state = jax.jit(lambda: step_lib.init_state(model, optimizer, config), out_shardings=shardings)()
         meta = {}
     eval_step = step_lib.make_eval_step(model, config, mesh, shardings.params)
+    t = config.train
+    rows = sharding.process_rows(mesh, (t.grad_accum, t.batch_size), batch_axis=1)
     return Stage(config=config, workdir=workdir, mesh=mesh, build=build, model=model, optimizer=optimizer,
                  checkpointer=checkpointer, latest=latest, state=state, shardings=shardings, meta=meta,
-                 eval_step=eval_step, writer=MetricsWriter(workdir, resume_step=latest))
+                 eval_step=eval_step, writer=MetricsWriter(workdir, resume_step=latest), rows=rows)
 
 
 def compile_step(run: Stage, steps: int):
     """The compiled train step for a schedule of `steps` steps, recorded in the workdir's config.json."""
     config = config_lib.with_train_steps(run.config, steps)
-    (run.workdir / "config.json").write_text(config_lib.to_json(config))
+    if distributed.is_primary():
+        (run.workdir / "config.json").write_text(config_lib.to_json(config))
     model, optimizer, schedule = run.build(config)
     return step_lib.compile_train_step(step_lib.make_train_step(model, optimizer, schedule, config, run.mesh),
                                        run.mesh, run.shardings)
 
 
 def shard_train_batch(run: Stage) -> Callable[[dict], dict]:
-    """Host batch [K, B, ...] -> on the mesh, split along B."""
-    return lambda batch: sharding.shard_batch(batch, run.mesh, batch_axis=1)
+    """This process's rows [K, rows, ...] of a training batch -> the global [K, B, ...] batch on the mesh."""
+    return lambda batch: sharding.shard_batch(batch, run.mesh, batch_axis=1, global_rows=run.config.train.batch_size)
 
 
 def train(run: Stage, *, host_batch: Callable[[int], dict], evaluate_params: Callable[[Any], dict],
@@ -154,7 +160,8 @@ def train(run: Stage, *, host_batch: Callable[[int], dict], evaluate_params: Cal
     try:
         result = loop.run_loop(
             run.state, train_cfg=t, train_step=compile_step(run, fitted_steps or t.steps), host_batch=host_batch,
-            shard=shard_train_batch(run), evaluate_params=evaluate_params, save=save, writer=run.writer,
+            shard=shard_train_batch(run), token_share=(run.rows[1] - run.rows[0]) / t.batch_size,
+            evaluate_params=evaluate_params, save=save, writer=run.writer,
             last_good_step=run.checkpointer.latest_step, elapsed_before=float(run.meta.get("elapsed_s", 0.0)),
             fitted_steps=fitted_steps, refit=lambda steps: compile_step(run, steps), **loop_options)
     finally:

@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
-from jaxllm import hardware, hugepages, pretrained
+from jaxllm import distributed, hardware, hugepages, pretrained
 from jaxllm import finetune as finetune_lib
 from jaxllm import loop
 from jaxllm import models, optim, sharding
@@ -29,12 +29,11 @@ from jaxllm.data import batches as batches_lib
 from jaxllm.data.prepare import prepare
 from jaxllm.data.sources import DataError
 from jaxllm.loop import TrainingError
-from jaxllm.metrics import read_metrics
 from jaxllm.tokenizer import TokenizerError, get_tokenizer
 
 
 USER_ERRORS = (ConfigError, DataError, TokenizerError, checkpoint_lib.CheckpointError, TrainingError,
-               finetune_lib.FinetuneError)
+               finetune_lib.FinetuneError, distributed.DistributedError)
 
 
 def describe(config) -> dict[str, Any]:
@@ -90,10 +89,13 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
             sharding.shard_batch(b, mesh) for b in batches_lib.all_eval_batches(val_tokens, batch_size=B, seq_len=L))
         return loop.evaluate(run.eval_step, params, batches)
 
+    first, stop = run.rows  # this process's rows of each micro-batch
+    positions = (np.arange(K)[:, None] * B + np.arange(first, stop)[None, :]).ravel()  # in the flat [K * B] batch
+
     def host_batch(step_number: int) -> dict[str, np.ndarray]:
         flat = batches_lib.train_batch(train_tokens, seed=config.data.seed, step=step_number,
-                                       batch_size=B * K, seq_len=L)
-        return {name: array.reshape(K, B, *array.shape[1:]) for name, array in flat.items()}
+                                       batch_size=B * K, seq_len=L, rows=positions)
+        return {name: array.reshape(K, stop - first, *array.shape[1:]) for name, array in flat.items()}
 
     full_eval_batches = -(-batches_lib.num_windows(len(val_tokens), L) // B) if t.full_eval_at_end else 0
     start_step = int(jax.device_get(run.state.step))
@@ -110,7 +112,7 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     summary = {"step": step_number, "train": result.train, "val": result.val}
     if stop_reason:
         summary["stopped"] = stop_reason
-    if t.full_eval_at_end and not _has_full_eval(run.writer.path, step_number):
+    if t.full_eval_at_end and not any(r.get("full") and r["step"] == step_number for r in run.writer.rows):
         if not t.eval_batches and result.val.get("step") == step_number:  # that evaluation was already the full one
             full_metrics = {k: v for k, v in result.val.items() if k not in ("step", "split")}
         else:
@@ -140,7 +142,8 @@ def run_stages(config, workdir: str | pathlib.Path) -> dict[str, Any]:
         return train(config, workdir)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config_lib.to_json(config))
+    if distributed.is_primary():
+        (workdir / "config.json").write_text(config_lib.to_json(config))
     summaries: dict[str, Any] = {}
     for name in names:
         stage_dir = workdir / name
@@ -158,13 +161,9 @@ def run_stages(config, workdir: str | pathlib.Path) -> dict[str, Any]:
         summaries[name] = summary
         if str(summary.get("stopped", "")).startswith("received"):
             break
-        marker.write_text(json.dumps(summary, default=float))
+        if distributed.is_primary():
+            marker.write_text(json.dumps(summary, default=float))
     return summaries
-
-
-def _has_full_eval(metrics_path: pathlib.Path, step_number: int) -> bool:
-    rows = read_metrics(metrics_path) if metrics_path.exists() else []
-    return any(r.get("full") and r["step"] == step_number for r in rows)
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -172,6 +171,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--config", required=True, help="a config file, e.g. configs/tiny.py")
     parser.add_argument("--workdir", default=None, help="run folder (default: runs/<config name>)")
     parser.add_argument("--dry_run", action="store_true", help="validate the config, print sizes, touch no data")
+    distributed.add_arguments(parser)
     args, rest = parser.parse_known_args(argv)
     overrides = []
     for item in rest:
@@ -184,6 +184,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     try:
+        if not args.dry_run:
+            distributed.setup(args)  # several processes (flags, JAX_* variables, SLURM, TPU): before any device
         config = config_lib.load_config(args.config, overrides)
         if pretrained.is_external(config.finetune.init_from):  # hf:/gguf: the imported model's shape and tokenizer
             config = config_lib.validate(pretrained.adopt(config, config.finetune.init_from))

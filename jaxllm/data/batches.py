@@ -79,11 +79,17 @@ def train_windows(n_windows: int, *, seed: int, step: int, batch_size: int) -> n
     return windows
 
 
-def train_batch(tokens, *, seed: int, step: int, batch_size: int, seq_len: int) -> dict:
-    """Training batch `step`: inputs/targets int32 [B, L], weights float32 [B, L] (all ones)."""
+def train_batch(tokens, *, seed: int, step: int, batch_size: int, seq_len: int, rows=None) -> dict:
+    """Training batch `step`: inputs/targets int32 [B, L], weights float32 [B, L] (all ones).
+
+    `rows` (int [n], positions in 0..B-1): only those rows of the batch, in that order, [n, L] (a process
+    of a multi-process run builds only its own rows); None = all B.
+    """
     n_windows = _check_length(tokens, seq_len, "train")
     windows = train_windows(n_windows, seed=seed, step=step, batch_size=batch_size)
-    return _make_batch(tokens, windows, batch_size, seq_len)
+    if rows is not None:
+        windows = windows[np.asarray(rows, dtype=np.int64)]
+    return _make_batch(tokens, windows, len(windows), seq_len)
 
 
 def eval_batches(tokens, *, n_batches: int, batch_size: int, seq_len: int) -> list[dict]:

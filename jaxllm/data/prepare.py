@@ -39,7 +39,7 @@ import datasets
 import numpy as np
 from tqdm import tqdm
 
-from jaxllm import tokenizer as tokenizer_lib
+from jaxllm import distributed, tokenizer as tokenizer_lib
 from jaxllm.data import encode, sources
 from jaxllm.data.sources import DataError, read_documents, source_fingerprint
 
@@ -170,8 +170,22 @@ def problems_summary(meta: dict) -> str:
 def prepare(data_cfg, tokenizer, cache_dir: str | None = None, progress: bool = True) -> pathlib.Path:
     """Tokenize the documents of `data_cfg` (config.data) into train.bin/val.bin; return their directory.
 
-    Returns at once when a finished directory with the same fingerprint exists.
+    Returns at once when a finished directory with the same fingerprint exists. In a multi-process run
+    (jaxllm/distributed.py) process 0 prepares while the others wait, then they read its directory: no two
+    processes write the same file (the cache folder must be one they share, as the workdir is).
     """
+    if not distributed.is_multiprocess():
+        return _prepare_here(data_cfg, tokenizer, cache_dir, progress)
+    distributed.primary_first(lambda: _prepare_here(data_cfg, tokenizer, cache_dir, progress), "jaxllm-prepare")
+    directory = prepared_dir(data_cfg, tokenizer, cache_dir)
+    if not _is_done(directory, fingerprint(data_cfg, tokenizer)):
+        raise DataError(f"process 0 did not leave prepared data in {directory} (see its error); data.cache_dir must "
+                        f"be a folder every process sees")
+    return directory
+
+
+def _prepare_here(data_cfg, tokenizer, cache_dir: str | None, progress: bool) -> pathlib.Path:
+    """`prepare` in this process alone."""
     if tokenizer.n_vocab > np.iinfo(TOKEN_DTYPE).max + 1:
         raise DataError(f"tokenizer '{tokenizer.name}' has {tokenizer.n_vocab} ids, more than uint16 token files "
                         f"hold (65536); use a tokenizer with at most 65536 ids")

@@ -524,17 +524,27 @@ class ExampleBatches:
         seq_len = padded_length((len(ids) for ids, _ in examples), self.pad_multiple, self.max_length)
         return make_batch(examples, batch_size, seq_len)
 
-    def train_batch(self, *, seed: int, step: int, batch_size: int, grad_accum: int) -> dict:
-        """Batch of optimizer step `step`: arrays [K, B, L]; examples drawn without replacement per epoch."""
+    def train_batch(self, *, seed: int, step: int, batch_size: int, grad_accum: int,
+                    rows: tuple[int, int] | None = None) -> dict:
+        """Batch of optimizer step `step`: arrays [K, B, L]; examples drawn without replacement per epoch.
+
+        `rows=(start, stop)`: only rows start..stop-1 of each micro-batch, [K, stop - start, L] (a process of
+        a multi-process run builds only its own rows); L is still the whole batch's padded length.
+        """
         n, total = len(self.train), batch_size * grad_accum
+        start, stop = rows or (0, batch_size)
+        chosen = (np.arange(grad_accum)[:, None] * batch_size + np.arange(start, stop)[None, :]).ravel()
         if self.packing:
-            rows = [[self.train[i] for i in self._packed_row(seed, step * total + j)] for j in range(total)]
-            used = [sum(len(ids) - 1 for ids, _ in row) + 1 for row in rows]
-            batch = make_packed_batch(rows, total, padded_length(used, self.pad_multiple, self.max_length))
+            packed = [[self.train[i] for i in self._packed_row(seed, step * total + j)] for j in range(total)]
+            used = [sum(len(ids) - 1 for ids, _ in row) + 1 for row in packed]
+            batch = make_packed_batch([packed[j] for j in chosen], len(chosen),
+                                      padded_length(used, self.pad_multiple, self.max_length))
         else:
             samples = step * total + np.arange(total)
-            batch = self._batch([self.train[epoch_order(seed, int(s // n), n)[s % n]] for s in samples], total)
-        return {name: a.reshape(grad_accum, batch_size, *a.shape[1:]) for name, a in batch.items()}
+            examples = [self.train[epoch_order(seed, int(s // n), n)[s % n]] for s in samples]
+            seq_len = padded_length((len(ids) for ids, _ in examples), self.pad_multiple, self.max_length)
+            batch = make_batch([examples[j] for j in chosen], len(chosen), seq_len)
+        return {name: a.reshape(grad_accum, stop - start, *a.shape[1:]) for name, a in batch.items()}
 
     def _packed_row(self, seed: int, row: int) -> list[int]:
         """The example indices of global packed row `row` (epochs packed in turn, each by `pack_best_fit`)."""
