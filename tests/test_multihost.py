@@ -7,8 +7,8 @@ collectives). Tolerance: 2 processes reduce the gradients in a different order t
 devices (gloo's all-reduce vs XLA's in-process one), so losses agree to float32 rounding, within a relative
 1e-5 over these few steps (measured: at most 1 ulp, 5e-7, in 6 steps), not bit for bit.
 
-`MESHES` is the one place naming the meshes the multi-process tests run on (train.* overrides of a mesh over
-all 4 devices); add one and every test runs on it too.
+`MESHES` names the meshes the multi-process tests run on (train.mesh over all devices): data-parallel, and
+FSDP with parameters and optimizer state sharded across the processes; the default suite's short run uses FSDP.
 """
 
 import argparse
@@ -31,7 +31,8 @@ from jaxllm.data import batches as batches_lib
 from jaxllm.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-MESHES = [pytest.param({"train.num_devices": 0}, id="data")]  # e.g. {"train.mesh": "fsdp:-1"} once it exists
+DATA, FSDP = {"train.mesh": "data:-1"}, {"train.mesh": "fsdp:-1"}
+MESHES = [pytest.param(DATA, id="data"), pytest.param(FSDP, id="fsdp")]
 RTOL = 1e-5
 
 
@@ -158,7 +159,7 @@ def test_launcher_forwards_sigint_to_every_child(tmp_path):
 # ------------------------------------------------------------------------------------- several processes
 
 
-@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("mesh", [pytest.param(FSDP, id="fsdp"), pytest.param(DATA, id="data", marks=pytest.mark.slow)])
 def test_two_processes_match_one_and_only_process_0_writes(tmp_path, mesh):
     """The default suite's multi-process run (kept short: 2 steps, 2 x 1 device): the losses of 1 process
     over 2 devices, one metrics row per step and one TensorBoard file (process 0's)."""
