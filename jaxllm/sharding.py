@@ -10,7 +10,10 @@ the others leave; an axis not named has size 1):
   row-parallel o/w2) and the vocabulary of the embedding and LM head.
 
 Every parameter dimension has a logical name (jaxllm/models/axes.py: embed, vocab, heads, kv_heads, mlp,
-experts, norm); `RULES` below, the one table of this mapping, turns logical names into mesh axes.
+experts, norm); `RULES` below, the one table of this mapping, turns logical names into mesh axes. A mesh
+axis serves one dimension per array, the first that asks for it: the embedding table [vocab, embed] splits
+its rows over tensor x fsdp (its gradient, a scatter of batch-split rows, then stays local; split by columns,
+XLA would have to gather the activations), the LM head [embed, vocab] its rows over fsdp, columns over tensor.
 Mixture-of-experts kernels [E, D, F] shard like dense MLP kernels (embed over fsdp, mlp over tensor) and keep
 every expert on every device (experts are not an axis of the mesh: expert parallelism is not implemented).
 
@@ -47,7 +50,7 @@ BATCH_AXES = ("data", "fsdp")  # the batch is split over both; their product is 
 RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": BATCH_AXES,   # activations' and batches' rows
     "embed": "fsdp",       # the model width in parameters (ZeRO-3)
-    "vocab": "tensor",     # embedding rows, LM head columns
+    "vocab": ("tensor", "fsdp"),  # embedding rows, LM head columns (fsdp only where embed has not taken it)
     "heads": "tensor",     # query heads x head size (heads-major): whole heads per device
     "kv_heads": "tensor",  # key/value heads x head size
     "mlp": "tensor",       # MLP hidden units
