@@ -1,10 +1,10 @@
 """Pretraining at the Llama-3.2-1B shape (configs/llama32_1b.py's model: 16 layers, d=2048, 32 heads, 8 KV heads,
 SwiGLU 8192, vocab 128256, tied, seq 2048; 1,235.8M parameters), from random weights, on 8 devices.
 
-Float32 parameters and AdamW moments (about 14.7 GiB of state in all), bfloat16 compute, full remat. One step is
+Float32 parameters and AdamW moments (13.81 GiB of state in all), bfloat16 compute, full remat. One step is
 8 sequences of 2048 tokens: one row per device on 8 devices (any mesh whose data x fsdp product divides 8).
-The state is what decides the mesh: replicated (`data:8`) every device holds all of it, sharded (`fsdp:8`) an
-eighth. What a step needs on each device, without running one (docs/benchmarks.md, "Sharding: data vs FSDP vs
+The state is what decides the mesh: replicated (`data:8`) every device holds all of it, sharded (`fsdp:8`,
+this config's default `fsdp:-1`) an eighth, 1.73 GiB. What a step needs on each device, without running one (docs/benchmarks.md, "Sharding: data vs FSDP vs
 tensor parallel"; on CPU the 8 devices are simulated):
   python scripts/bench.py --config configs/llama1b.py --num_devices 8 --compile_only --config.train.mesh=data:8
   python scripts/bench.py --config configs/llama1b.py --num_devices 8 --compile_only --config.train.mesh=fsdp:8
