@@ -41,12 +41,28 @@ stored: a QLoRA base at 4.127 bits per weight), `trainable_mb` and `opt_state_mb
 devices (XLA_FLAGS=--xla_force_host_platform_device_count=N, set before jax is imported, hence the argv
 scan at the top of this file): `python scripts/bench.py --config configs/bench_cpu.py --num_devices 4
 --compile_only`.
+
+The mesh is the stage's `train.mesh` (`--mesh SPEC` sets it for the measured stage, i.e. `finetune.train.mesh`
+with `--stage finetune`; or `--config.train.mesh=fsdp:8`), and the state is placed on it as `jaxllm.train`
+places it (jaxllm/stage.py's `state_shardings`: replicated over `data`, split over `fsdp` and `tensor`). Every
+figure of XLA's memory analysis is per device (the partitioned program of one device), and both lines say
+what one device holds of the state, computed from each array's shard shape (so also for --compile_only,
+where nothing is allocated):
+
+  mesh                     the mesh as "data:2,fsdp:4,tensor:1"
+  params_mb_per_device     one device's shards of params_mb / trainable_mb / opt_state_mb (= them on a
+  trainable_mb_per_device  data-parallel mesh)
+  opt_state_mb_per_device
+
+`python scripts/bench.py --config configs/llama1b.py --num_devices 8 --compile_only --mesh fsdp:8`: what a
+1B model's step needs per device with the state sharded 8 ways (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import statistics
@@ -76,6 +92,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run f
 from jaxllm import config as config_lib  # noqa: E402
 from jaxllm import finetune as finetune_lib  # noqa: E402
 from jaxllm import hardware, hlo, hugepages, models, optim, sharding, step as step_lib  # noqa: E402
+from jaxllm import stage as stage_lib  # noqa: E402
 from jaxllm.data import batches as batches_lib  # noqa: E402
 from jaxllm.models import lora as lora_lib  # noqa: E402
 
@@ -90,6 +107,9 @@ def parse_args(argv):
                         help="finetune: the fine-tune stage's step (LoRA/QLoRA as finetune.lora says)")
     parser.add_argument("--num_devices", type=int, default=None,
                         help="devices in the mesh (train.num_devices); on CPU, N > 1 simulates N host devices")
+    parser.add_argument("--mesh", default=None,
+                        help="the mesh (train.mesh, e.g. fsdp:8 or data:2,fsdp:4; with --stage finetune "
+                             "finetune.train.mesh)")
     args, rest = parser.parse_known_args(argv)
     bad = [item for item in rest if not item.startswith("--config.")]
     if bad:
@@ -108,23 +128,47 @@ def step_parts(config):
     return model, optimizer, optim.make_schedule(config), lambda: step_lib.init_state(model, optimizer, config)
 
 
-def state_sizes(state) -> dict:
-    """Bytes of the state as stored, in MiB: all params, the trained ones, the optimizer state."""
-    params = state.params
-    trainable = params["lora"] if lora_lib.is_lora(params) else params
-    mib = lambda tree: round(lora_lib.tree_bytes(tree) / 2**20, 1)  # noqa: E731
-    return {"params_mb": mib(params), "trainable_mb": mib(trainable), "opt_state_mb": mib(state.opt_state)}
+def state_sizes(state, shardings, mesh) -> dict:
+    """The state's sizes in MiB: as stored (all params, the trained ones, the optimizer state: the whole
+    arrays) and what one device holds of each by `shardings` (its shards; = the whole on a data-parallel mesh);
+    `state` may be abstract (ShapeDtypeStructs). With the mesh that places it ("data:2,fsdp:4,tensor:1")."""
+    def trained(tree):
+        return tree["lora"] if lora_lib.is_lora(state.params) else tree
+
+    parts = {"params": (state.params, shardings.params), "trainable": (trained(state.params), trained(shardings.params)),
+             "opt_state": (state.opt_state, shardings.opt_state)}
+    mib = lambda n: round(n / 2**20, 1)  # noqa: E731
+    sizes = {f"{name}_mb": mib(lora_lib.tree_bytes(tree)) for name, (tree, _) in parts.items()}
+    per_device = {f"{name}_mb_per_device": mib(bytes_per_device(tree, placed)) for name, (tree, placed) in parts.items()}
+    return {**sizes, "mesh": sharding.describe(mesh), **per_device}
+
+
+def bytes_per_device(tree, shardings) -> int:
+    """Bytes of `tree`'s arrays (real or abstract) that one device holds when placed by `shardings` (a tree of
+    NamedShardings of the same structure): the shard shape of every array. Every device holds the same amount
+    (sharded dimensions split evenly: jaxllm/sharding.py refuses the others)."""
+    return int(sum(math.prod(placed.shard_shape(tuple(leaf.shape))) * np.dtype(leaf.dtype).itemsize
+                   for leaf, placed in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))))
+
+
+def make_mesh(config):
+    """The stage's mesh (`train.mesh` over `train.num_devices`), as `jaxllm.train` makes it: ConfigError when
+    the batch does not split over its batch shards."""
+    return stage_lib.make_mesh(config, {"train.batch_size": config.train.batch_size})
 
 
 def build(config):
-    """(state, jitted train step, `device_batch(step_number)`, mesh size) for `config`, as `jaxllm.train`
-    builds them, with batches cut by the real loader from random tokens."""
+    """(state, jitted train step, `device_batch(step_number)`, mesh, state shardings) for `config`, as
+    `jaxllm.train` builds them (the state placed on the mesh by its shardings), with batches cut by the real
+    loader from random tokens."""
     m, t = config.model, config.train
     L, B, K = m.sequence_length, t.batch_size, t.grad_accum
-    mesh = sharding.make_mesh(t.num_devices)
+    mesh = make_mesh(config)
     model, optimizer, schedule, fresh = step_parts(config)
-    train_step = step_lib.compile_train_step(step_lib.make_train_step(model, optimizer, schedule, config, mesh), mesh)
-    state = jax.jit(fresh, out_shardings=sharding.replicated(mesh))()
+    _, shardings = stage_lib.state_shardings(config, model, optimizer, mesh)
+    train_step = step_lib.compile_train_step(step_lib.make_train_step(model, optimizer, schedule, config, mesh), mesh,
+                                             shardings)
+    state = jax.jit(fresh, out_shardings=shardings)()
     # Enough windows for a long benchmark; the loader wraps around into a new epoch after that.
     tokens = np.random.default_rng(0).integers(0, min(m.vocab_size, 2**16), size=256 * B * K * L + 1,
                                                dtype=np.uint16)
@@ -134,7 +178,7 @@ def build(config):
         host = {name: a.reshape(K, B, *a.shape[1:]) for name, a in flat.items()}
         return sharding.shard_batch(host, mesh, batch_axis=1)
 
-    return jax.block_until_ready(state), train_step, device_batch, mesh.size
+    return jax.block_until_ready(state), train_step, device_batch, mesh, shardings
 
 
 def step_costs(compiled) -> dict:
@@ -176,7 +220,8 @@ def summary(config, step_s, compile_s, n_devices) -> dict:
 
 def bench(config, steps: int = 10, warmup: int = 2) -> dict:
     """Run 1 + warmup + steps train steps of `config` on random tokens; return the JSON line's fields."""
-    state, train_step, device_batch, n_devices = build(config)
+    state, train_step, device_batch, mesh, shardings = build(config)
+    n_devices = mesh.size
     start = time.perf_counter()
     # Compiled ahead of time (the same program the first call would compile) to read its costs.
     compiled = train_step.lower(state, device_batch(0)).compile()
@@ -191,7 +236,7 @@ def bench(config, steps: int = 10, warmup: int = 2) -> dict:
             input_s.append(feed_seconds)
     if not np.isfinite(float(metrics["loss"])):
         raise RuntimeError(f"the benchmark's loss is {float(metrics['loss'])}; the step is broken")
-    line = {**summary(config, step_s, compile_s, n_devices), **state_sizes(state), **step_costs(compiled)}
+    line = {**summary(config, step_s, compile_s, n_devices), **state_sizes(state, shardings, mesh), **step_costs(compiled)}
     line["input_share"] = round(statistics.median(input_s) / statistics.median(step_s), 4)  # host batch + device_put
     _, source = hardware.peak_flops(config.model.dtype, n_devices)
     print(f"input pipeline: median {1e3 * statistics.median(input_s):.2f} ms per batch "
@@ -204,10 +249,11 @@ def bench(config, steps: int = 10, warmup: int = 2) -> dict:
 def compile_memory(config) -> dict:
     """Ahead-of-time compile of the train step on abstract inputs; XLA's memory analysis in MiB."""
     m, t = config.model, config.train
-    mesh = sharding.make_mesh(t.num_devices)
-    model, optimizer, schedule, fresh = step_parts(config)
-    train_step = step_lib.compile_train_step(step_lib.make_train_step(model, optimizer, schedule, config, mesh), mesh)
-    state = jax.eval_shape(fresh)
+    mesh = make_mesh(config)
+    model, optimizer, schedule, _ = step_parts(config)
+    state, shardings = stage_lib.state_shardings(config, model, optimizer, mesh)
+    train_step = step_lib.compile_train_step(step_lib.make_train_step(model, optimizer, schedule, config, mesh), mesh,
+                                             shardings)
     shape = (t.grad_accum, t.batch_size, m.sequence_length)
     batch = {"inputs": jax.ShapeDtypeStruct(shape, np.int32), "targets": jax.ShapeDtypeStruct(shape, np.int32),
              "weights": jax.ShapeDtypeStruct(shape, np.float32)}
@@ -219,23 +265,24 @@ def compile_memory(config) -> dict:
     return {"argument_mb": round(mb["argument"], 1), "output_mb": round(mb["output"], 1),
             "temp_mb": round(mb["temp"], 1), "total_mb": round(mb["argument"] + mb["output"] - alias + mb["temp"], 1),
             "compile_s": round(time.perf_counter() - start, 2), "device": hardware.device_description(),
-            "jax": jax.__version__, **state_sizes(state), **step_costs(compiled)}
+            "jax": jax.__version__, **state_sizes(state, shardings, mesh), **step_costs(compiled)}
 
 
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
+    section = "finetune.train" if args.stage == "finetune" else "train"  # the measured stage's train section
     if args.num_devices is not None:
-        overrides.append(f"train.num_devices={args.num_devices}")
+        overrides.append(f"{section}.num_devices={args.num_devices}")
+    if args.mesh is not None:
+        overrides.append(f"{section}.mesh={args.mesh}")
     try:
         config = config_lib.load_config(args.config, overrides)
         config = config_lib.stage_config(config, args.stage)
+        line = compile_memory(config) if args.compile_only else bench(config, steps=args.steps, warmup=args.warmup)
     except config_lib.ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.compile_only:
-        print(json.dumps(compile_memory(config)))
-        return 0
-    print(json.dumps(bench(config, steps=args.steps, warmup=args.warmup)))
+    print(json.dumps(line))
     return 0
 
 

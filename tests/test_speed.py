@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxllm import config as config_lib
-from jaxllm import hardware, loss as loss_lib, models, optim, step as step_lib
+from jaxllm import hardware, loss as loss_lib, models, optim, sharding, stage as stage_lib, step as step_lib
 from jaxllm import train as train_lib
 from jaxllm.metrics import read_metrics
 
@@ -210,8 +210,11 @@ def test_bench_prints_the_issue_json_line(capsys):
     captured = capsys.readouterr()
     line = json.loads(captured.out.strip().splitlines()[-1])
     assert list(line) == ["tokens_per_s", "step_ms", "compile_s", "flops_per_token", "mfu", "peak_memory_mb",
-                          "device", "jax", "params_mb", "trainable_mb", "opt_state_mb", "xla_flops_per_device", "matmul_flops_per_device", "collective_bytes",
-                          "collective_counts", "input_share"]
+                          "device", "jax", "params_mb", "trainable_mb", "opt_state_mb", "mesh", "params_mb_per_device",
+                          "trainable_mb_per_device", "opt_state_mb_per_device", "xla_flops_per_device",
+                          "matmul_flops_per_device", "collective_bytes", "collective_counts", "input_share"]
+    assert line["mesh"] == "data:1,fsdp:1,tensor:1"  # bench_cpu: one device
+    assert line["params_mb_per_device"] == line["params_mb"] and line["opt_state_mb_per_device"] == line["opt_state_mb"]
     assert line["collective_bytes"]["all-reduce"] == 0  # one device: nothing to exchange
     assert 0 < line["input_share"] <= 1  # the step time includes the batch
     assert set(line["step_ms"]) == {"median", "min", "max"}
@@ -271,3 +274,57 @@ def test_bench_finetune_stage_reports_lora_and_qlora_state_sizes(capsys):
     # NF4 stores the 2 * (4 * 256^2 + 3 * 256 * 768) projection weights in ~4.1 bits instead of 32
     projections_mb = 4 * 2 * (4 * 256 * 256 + 3 * 256 * 768) / 2**20
     assert lora["params_mb"] - qlora["params_mb"] == pytest.approx(projections_mb * (1 - 4.127 / 32), abs=0.1)
+
+
+PER_DEVICE_DIMS = ["model.n_layer=1", "model.n_embd=64", "model.n_head=4", "model.vocab_size=320",
+                   "model.sequence_length=32", "train.batch_size=4", "train.num_devices=4"]
+
+
+def test_bench_per_device_state_follows_the_mesh():
+    """On 4 devices, fsdp:4 leaves each device a quarter of every matrix and the whole of each norm scale;
+    data:4 the whole state. bench's per-device figures come from the shardings (no array needed, as under
+    --compile_only); on fsdp:4 they equal the bytes of the real arrays' shards on one device."""
+    bench = _load_bench()
+    per_device, whole = {}, None
+    for spec in ("data:4", "fsdp:4"):
+        config = config_lib.load_config(str(ROOT / "configs" / "bench_cpu.py"), [*PER_DEVICE_DIMS, f"train.mesh={spec}"])
+        mesh = bench.make_mesh(config)
+        model, optimizer, _, fresh = bench.step_parts(config)
+        abstract, placed = stage_lib.state_shardings(config, model, optimizer, mesh)
+        per_device[spec] = {part: bench.bytes_per_device(getattr(abstract, part), getattr(placed, part))
+                            for part in ("params", "opt_state")}
+        sizes = bench.state_sizes(abstract, placed, mesh)
+        assert sizes["mesh"] == sharding.describe(mesh)
+        assert sizes["params_mb_per_device"] == round(per_device[spec]["params"] / 2**20, 1)
+        whole = abstract.params
+    state = jax.jit(fresh, out_shardings=placed)()  # fsdp:4's real arrays
+    for part in ("params", "opt_state"):
+        assert per_device["fsdp:4"][part] == sharding.tree_bytes_per_device(getattr(state, part)), part
+    # By hand: llama 1L, d 64: three norm scales of 64 floats, everything else a matrix split 4 ways over fsdp.
+    norms = 3 * 64 * 4
+    matrices = 4 * models.param_count(config.model) - norms
+    assert per_device["data:4"]["params"] == sum(leaf.size * 4 for leaf in jax.tree.leaves(whole)) == matrices + norms
+    assert per_device["fsdp:4"]["params"] == matrices // 4 + norms
+    # AdamW's two moments shaped like the params (plus a few replicated step counters).
+    for spec, sizes in per_device.items():
+        assert 0 <= sizes["opt_state"] - 2 * sizes["params"] <= 64, spec
+
+
+@pytest.mark.slow
+def test_bench_compile_only_memory_is_per_device(capsys):
+    """XLA's memory analysis of the compiled fsdp:4 step is one device's program: its arguments are that
+    device's shards of the state and its rows of the batch, a quarter of data:4's (the whole state)."""
+    bench = _load_bench()
+    lines = {}
+    for spec in ("data:4", "fsdp:4"):
+        assert bench.main(["--config", str(ROOT / "configs" / "bench_cpu.py"), "--compile_only", "--num_devices", "4",
+                           "--mesh", spec, *[f"--config.{item}" for item in PER_DEVICE_DIMS[:-1]],
+                           "--config.model.n_embd=256"]) == 0  # ~11 MiB of state: MiB figures to 1 part in 25
+        lines[spec] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    data, fsdp = lines["data:4"], lines["fsdp:4"]
+    assert (data["mesh"], fsdp["mesh"]) == ("data:4,fsdp:1,tensor:1", "data:1,fsdp:4,tensor:1")
+    assert data["params_mb_per_device"] == data["params_mb"] and fsdp["params_mb_per_device"] < data["params_mb"] / 2
+    for line in (data, fsdp):  # state + batch rows ([1, 1, 32] x 3, 384 bytes) + step counter (+ rounding)
+        state_mb = line["params_mb_per_device"] + line["opt_state_mb_per_device"]
+        assert line["argument_mb"] == pytest.approx(state_mb, abs=0.15), line
+    assert fsdp["argument_mb"] < 0.4 * data["argument_mb"]
