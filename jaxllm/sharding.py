@@ -196,7 +196,7 @@ def put_replicated(tree, mesh: Mesh):
 def to_host(array: jax.Array) -> np.ndarray:
     """The whole of a (possibly sharded) device array as numpy, in every process (several processes: an
     all-gather of the parts the others hold)."""
-    if array.is_fully_addressable or array.is_fully_replicated:
+    if not isinstance(array, jax.Array) or array.is_fully_addressable or array.is_fully_replicated:
         return np.asarray(jax.device_get(array))
     from jax.experimental import multihost_utils
 

@@ -37,8 +37,8 @@ def test_nan_at_a_step_stops_there_and_the_last_good_checkpoint_resumes(tmp_path
     finite params, and the same command then trains on to step 8 from it."""
     original = batches_lib.train_batch
 
-    def poisoned(tokens, *, seed, step, batch_size, seq_len):
-        batch = original(tokens, seed=seed, step=step, batch_size=batch_size, seq_len=seq_len)
+    def poisoned(tokens, *, seed, step, batch_size, seq_len, **rows):
+        batch = original(tokens, seed=seed, step=step, batch_size=batch_size, seq_len=seq_len, **rows)
         if step == 4:  # the batch of the 5th update
             batch["weights"] = np.full_like(batch["weights"], np.nan)
         return batch
