@@ -61,7 +61,8 @@ print("params", json.dumps(jax.tree.map(lambda p: list(p.shape), params)["embed"
 
 
 def test_checkpoint_of_four_devices_is_read_on_one(tmp_path):
-    """eval, generate and the fine-tune's init_from read a 4-device run's checkpoint on a 1-device machine."""
+    """eval, generate and the fine-tune's init_from read a 4-device FSDP run's checkpoint (every array split
+    over the devices) on a 1-device machine."""
     c = config_lib.default_config()
     c.model.n_layer, c.model.n_embd, c.model.n_head = 1, 32, 2
     c.model.vocab_size, c.model.sequence_length = 320, 32
@@ -69,7 +70,7 @@ def test_checkpoint_of_four_devices_is_read_on_one(tmp_path):
     c.data.cache_dir = str(tmp_path / "cache")
     c.train.steps, c.train.batch_size, c.train.grad_accum = 2, 8, 1
     c.train.eval_batches, c.train.full_eval_at_end, c.train.checkpoint_every = 1, False, 2
-    c.train.num_devices, c.train.progress = 4, False
+    c.train.num_devices, c.train.progress, c.train.mesh = 4, False, "fsdp:4"
     c.mathqa.synthetic_problems, c.mathqa.eval_batch_size = 100, 4
     train_lib.train(config_lib.validate(c), tmp_path / "run")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONPATH": str(ROOT)}
