@@ -68,6 +68,9 @@ def make_mesh(num_devices: int = 0, spec: str = "data:-1") -> Mesh:
     if num_devices > len(devices):
         raise ValueError(f"train.num_devices is {num_devices} but only {len(devices)} devices are visible; "
                          f"lower it or set it to 0 to use them all")
+    if num_devices and num_devices != len(devices) and jax.process_count() > 1:
+        raise ValueError(f"train.num_devices is {num_devices}, but a run of {jax.process_count()} processes uses "
+                         f"every process's devices ({len(devices)}); set train.num_devices=0")
     chosen = devices[:num_devices] if num_devices else devices
     sizes = parse_mesh(spec, len(chosen))
     shape = tuple(sizes[name] for name in AXES)

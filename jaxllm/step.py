@@ -27,7 +27,7 @@ reduce-scatters their gradients (ZeRO-3), and splits heads and MLP units over `t
 runs one chunk loop per batch shard (so no device computes another's rows). Dropout masks are the global
 batch's (partitionable threefry), and MoE routing is over the global batch: the maths of one device, up to
 float summation order. Its per-micro-batch gradients are reduce-scattered inside the accumulation loop
-(K reduce-scatters per step, as FSDP does).
+(K reduce-scatters per step, as FSDP does; XLA:CPU emits all-reduces in their place, docs/benchmarks.md).
 
 With mixture-of-experts layers (config.moe.n_experts > 0) the model is applied with
 mutable=["intermediates"] to read what the routers sow: their auxiliary loss is added to the training

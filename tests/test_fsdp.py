@@ -198,3 +198,16 @@ def test_two_stage_run_with_lora_on_sharded_meshes(tmp_path):
     got, want = losses(tmp_path / "run" / "finetune"), losses(tmp_path / "one")
     assert [s for s, _ in got] == [s for s, _ in want] == [1, 2, 3]
     np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=0, atol=LOSS_TOL)
+
+
+@pytest.mark.slow  # ~30-50 s: three runs on four devices
+def test_fsdp_resume_on_the_same_mesh_is_bit_exact(tmp_path, kill_train_step):
+    """Killed and resumed on the same fsdp:2,tensor:2 mesh: the uninterrupted run's losses bit for bit (the
+    reduction order is the mesh's, so nothing changes)."""
+    mesh = {"train.num_devices": 4, "train.mesh": "fsdp:2,tensor:2"}
+    train_lib.train(tiny_config(tmp_path, **mesh), tmp_path / "straight")
+    with kill_train_step(7):
+        train_lib.train(tiny_config(tmp_path, **mesh), tmp_path / "resumed")
+    train_lib.train(tiny_config(tmp_path, **mesh), tmp_path / "resumed")
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    assert losses(tmp_path / "resumed", "val") == losses(tmp_path / "straight", "val")
