@@ -143,7 +143,7 @@ def test_xla_attention_matches_jaxllm_attention(dtype, n_kv_head):
         np.testing.assert_allclose(got, want, **tol)
 
 
-@pytest.mark.parametrize("name, n_kv_head", [("llama", 2), ("gpt2", 0)])
+@pytest.mark.parametrize("name, n_kv_head", [("llama", 2), pytest.param("gpt2", 0, marks=pytest.mark.slow)])
 def test_model_with_xla_attention_matches_jaxllm_attention(name, n_kv_head):
     """A whole float32 model: logits and parameter gradients agree between the two kernels."""
     results = {}

@@ -95,7 +95,7 @@ def test_all_experts_identical_and_chosen_equals_dense_swiglu(mode):
     assert float(jnp.std(y_dense)) > 0.1
 
 
-@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("renormalize", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_dropless_equals_capacity_when_nothing_is_dropped(renormalize):
     params, x = ffn_params(), random_x(2)
     # capacity_factor = E / k gives C = L: an expert could take every token of a sequence.
