@@ -197,6 +197,8 @@ def draw(runs: list[tuple[str, list[dict[str, Any]]]], path: str | pathlib.Path)
             seconds = at_steps(rows, "elapsed_s", steps)
             kwargs = dict(color=color, lw=1.2 if split == "val" else 0.8, ms=10 if full else 3,
                           label=None if full else label)
+            if style == "-" and len(steps) < 50:  # a short run's points stay visible
+                kwargs["marker"] = "."
             if tokens is not None and steps:
                 axes[row, 0].plot(tokens, losses, style, **kwargs)
             if seconds is not None and steps:

@@ -45,7 +45,9 @@ def draw_curves(rows: list[dict[str, Any]], path: str | pathlib.Path, title: str
     fig = new_figure(figsize=(11, 4))
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.9, wspace=0.25)  # fixed: a layout engine costs 0.1 s
     loss_ax, lr_ax = fig.subplots(1, 2, width_ratios=(2, 1))
-    loss_ax.plot(*series(rows, "train", "loss"), lw=1, label="train loss")
+    train_steps, train_losses = series(rows, "train", "loss")
+    few = "." if len(train_steps) < 50 else None  # a short run's points stay visible
+    loss_ax.plot(train_steps, train_losses, lw=1, marker=few, label="train loss")
     loss_ax.plot(*series(rows, "val", "loss"), "o-", ms=3, label="val loss")
     full_steps, full_losses = series(rows, "val", "loss", full=True)
     if full_steps:
@@ -53,7 +55,7 @@ def draw_curves(rows: list[dict[str, Any]], path: str | pathlib.Path, title: str
     loss_ax.set(xlabel="step", ylabel="loss (nats/token)")
     loss_ax.grid(alpha=0.3)
     loss_ax.legend()
-    lr_ax.plot(*series(rows, "train", "lr"), lw=1, color="tab:green")
+    lr_ax.plot(*series(rows, "train", "lr"), lw=1, marker=few, color="tab:green")
     lr_ax.set(xlabel="step", ylabel="learning rate")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     lr_ax.grid(alpha=0.3)
