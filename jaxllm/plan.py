@@ -16,8 +16,9 @@ shapes (depth x width, heads of `--head_dim`):
 It prints the table, then recommends by a stated rule (`recommend`): among shapes whose width/depth lies in
 `ASPECT` and whose tokens/param is within `TOLERANCE` of `--target_ratio` (default 6, the winner's;
 Chinchilla's compute-optimal ~20 is shown beside it), the widest (the winner found width the cheapest way to
-add parameters), else the closest ratio; and prints the `--config.model.*` overrides (and `train.steps` at `--batch_tokens` tokens
-per step) that select it. Assumed: the MFU of every shape is the same (small widths reach less in truth).
+add parameters), else the closest ratio; and prints the `--config.model.*` overrides (and `train.steps` at
+`--batch_tokens` tokens per step) that select it. Assumed: every shape reaches the same MFU (small widths reach
+less in truth).
 """
 
 from __future__ import annotations
