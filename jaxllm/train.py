@@ -181,7 +181,8 @@ def human_summary(summary: dict[str, Any], config, workdir: str | pathlib.Path) 
     curves.png are; then how to watch the TensorBoard logs. Read from each stage's metrics.jsonl; a stage
     that did not run (a signal stopped an earlier one) is left out."""
     folders = stage_dirs(config, workdir)
-    per_stage = {"pretrain": summary} if len(folders) == 1 else summary
+    single = config_lib.stage_names(config) == ["pretrain"]  # its summary is the stage's; else {stage: summary}
+    per_stage = {"pretrain": summary} if single else summary
     lines = []
     for name, folder in folders.items():
         if name not in per_stage:
@@ -209,8 +210,8 @@ def human_summary(summary: dict[str, Any], config, workdir: str | pathlib.Path) 
         lines.append(f"  checkpoints: {folder / 'checkpoints'}")
         if (folder / curves.FILENAME).is_file():
             lines.append(f"  curves:      {folder / curves.FILENAME}")
-    logs = "tensorboard/" if len(folders) == 1 else "each stage's tensorboard/"
-    lines.append(f"TensorBoard logs in {logs}; view them: tensorboard --logdir {workdir}  (pip install tensorboard)")
+        lines.append(f"  tensorboard: {folder / 'tensorboard'}")
+    lines.append(f"view the logs: tensorboard --logdir {workdir}  (pip install tensorboard)")
     lines.append(f"every metric: {pathlib.Path(workdir) / 'summary.json'} and the JSON line below")
     return lines
 

@@ -112,12 +112,13 @@ def test_main_prints_a_summary_for_a_person_then_the_json_line_last(tmp_path, ca
         "pretrain: 4 steps, 4k tokens, 50.0s; val loss 5.5000 -> 4.1000 (full pass)",
         f"  checkpoints: {run / 'pretrain' / 'checkpoints'}",
         f"  curves:      {run / 'pretrain' / 'curves.png'}",
+        f"  tensorboard: {run / 'pretrain' / 'tensorboard'}",
         "finetune: 4 steps, 4k tokens, 25.0s; val loss 4.0500 -> 3.7500",
         "  MathQA test: 5-shot acc 0.3125 (acc_norm 0.2500, n=16)",
         f"  checkpoints: {run / 'finetune' / 'checkpoints'}",
         f"  curves:      {run / 'finetune' / 'curves.png'}",
-        f"TensorBoard logs in each stage's tensorboard/; view them: tensorboard --logdir {run}  "
-        f"(pip install tensorboard)",
+        f"  tensorboard: {run / 'finetune' / 'tensorboard'}",
+        f"view the logs: tensorboard --logdir {run}  (pip install tensorboard)",
         f"every metric: {run / 'summary.json'} and the JSON line below"]
 
 
@@ -149,3 +150,20 @@ def test_tiny_run_draws_curves_on_a_signal_stop_and_ends_with_a_summary_then_jso
 
     text, _ = compare.compare([run], out=None)  # the compare tool reads a real run too
     assert text.splitlines()[1].split()[:4] == ["run", f"{summary['val_full']['loss']:.4f}", "(full)", "4"]
+
+
+def test_main_summary_of_a_finetune_only_run(tmp_path, capsys, monkeypatch):
+    """stages=finetune: one stage, in workdir/finetune, its summary under its name."""
+    def fake_stages(config, workdir):
+        write_run(pathlib.Path(workdir) / "finetune", FAST)
+        return {"finetune": {"step": 4}}
+
+    monkeypatch.setattr(train_lib, "run_stages", fake_stages)
+    run = tmp_path / "run"
+    assert train_lib.main(["--config", str(ROOT / "configs" / "tiny.py"), "--workdir", str(run),
+                           "--config.stages=finetune", f"--config.finetune.init_from={tmp_path / 'base'}"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1]) == {"finetune": {"step": 4}}
+    assert out[:-3] == ["finetune: 4 steps, 4k tokens, 25.0s; val loss 4.0500 -> 3.7500",
+                        f"  checkpoints: {run / 'finetune' / 'checkpoints'}",
+                        f"  tensorboard: {run / 'finetune' / 'tensorboard'}"]
