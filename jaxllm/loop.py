@@ -243,7 +243,7 @@ def run_loop(state, *, train_cfg, train_step: Callable, host_batch: Callable[[in
             # Every scalar the step returns is logged (MoE adds its aux losses and loads, for instance).
             last_train = writer.write(done_step, "train", {
                 **metrics, "tokens_per_s": rate, "mfu": hardware.mfu(rate, flops_per_token, peak_flops),
-                "tokens_seen": tokens_seen})
+                "tokens_seen": tokens_seen, "elapsed_s": elapsed_before + now - run_start})  # wall s, across resumes
             progress.set_postfix(loss=f"{float(metrics['loss']):.4f}", lr=f"{float(metrics['lr']):.2e}",
                                  tok_s=f"{rate:.0f}", refresh=False)
         progress.update(1)

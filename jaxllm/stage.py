@@ -9,7 +9,7 @@ wraps it) and what they do at the end. Everything between is here, in the order 
         # whatever mesh wrote it) or made fresh; the compiled train and eval steps; the metrics writer
     result = stage.train(run, host_batch=..., evaluate_params=..., save_meta=...)
         # jaxllm.loop's step loop: a checkpoint every train.checkpoint_every steps and on a signal
-    ... the stage's own final evaluations, then run.close()
+    ... the stage's own final evaluations, then run.close()    # and curves.png (jaxllm/curves.py)
 
 `build(config) -> (model, optimizer, schedule)` is the stage's model and optimizer for a config; it is
 called again when fit_steps_to_budget changes the schedule's length. With several processes every process
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
-from jaxllm import distributed, loop, sharding, step as step_lib
+from jaxllm import curves, distributed, loop, sharding, step as step_lib
 from jaxllm.config import ConfigError
 from jaxllm.metrics import MetricsWriter
 
@@ -72,8 +72,12 @@ class Stage:
     rows: tuple[int, int]  # [start, stop): this process's rows of each micro-batch (all of them in one process)
 
     def close(self) -> None:
+        """Close the metrics writer and checkpointer, then draw `curves.png` (process 0; a failure to draw is
+        a warning). Every stage ends here: after its final evaluations, or on a signal stop (`train`)."""
         self.writer.close()
         self.checkpointer.close()
+        if distributed.is_primary():
+            curves.write_curves(self.workdir, self.writer.rows)
 
 
 def state_shardings(config, model, optimizer, mesh) -> tuple[step_lib.TrainState, step_lib.TrainState]:

@@ -3,7 +3,9 @@
 `train` prepares the data, builds the model, optimizer and compiled step, restores the newest checkpoint of
 the workdir if there is one, and hands over to the shared step loop (`jaxllm.loop`): the batch for step n
 comes from (data.seed, n) alone, so a resumed run reproduces the uninterrupted run's losses bit for bit on
-CPU. `run_stages` chains pretraining and the MathQA fine-tune (`jaxllm.finetune`).
+CPU. `run_stages` chains pretraining and the MathQA fine-tune (`jaxllm.finetune`). The command ends with a
+short summary for a person (`human_summary`), then every metric as one JSON line, the last line of stdout
+(also written to workdir/summary.json) for scripts.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import jax
 import numpy as np
 
 from jaxllm import checkpoint as checkpoint_lib
+from jaxllm import compare as compare_lib
 from jaxllm import config as config_lib
-from jaxllm import distributed, hardware, hugepages, pretrained
+from jaxllm import curves, distributed, hardware, hugepages, pretrained
 from jaxllm import finetune as finetune_lib
 from jaxllm import loop
 from jaxllm import models, optim, sharding
@@ -166,6 +169,53 @@ def run_stages(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     return summaries
 
 
+def stage_dirs(config, workdir: str | pathlib.Path) -> dict[str, pathlib.Path]:
+    """{stage name: its folder} of a run: the workdir itself for a pretraining-only run, else workdir/<stage>."""
+    names, workdir = config_lib.stage_names(config), pathlib.Path(workdir)
+    return {"pretrain": workdir} if names == ["pretrain"] else {name: workdir / name for name in names}
+
+
+def human_summary(summary: dict[str, Any], config, workdir: str | pathlib.Path) -> list[str]:
+    """What the end of a run tells a person (the JSON line after it is for scripts): per stage its steps,
+    tokens, wall time, first and last validation loss and MathQA accuracy, where its checkpoints and
+    curves.png are; then how to watch the TensorBoard logs. Read from each stage's metrics.jsonl; a stage
+    that did not run (a signal stopped an earlier one) is left out."""
+    folders = stage_dirs(config, workdir)
+    single = config_lib.stage_names(config) == ["pretrain"]  # its summary is the stage's; else {stage: summary}
+    per_stage = {"pretrain": summary} if single else summary
+    lines = []
+    for name, folder in folders.items():
+        if name not in per_stage:
+            continue
+        stage_summary = per_stage[name]
+        try:
+            stats = compare_lib.summarize(compare_lib.load_rows(folder), name)
+        except (compare_lib.CompareError, OSError, ValueError):  # no rows yet: say what the summary knows
+            stats = compare_lib.RunSummary(name, stage_summary.get("step"), None, None, None, None, None, False)
+        head = (f"{name}: {stats.steps if stats.steps is not None else stage_summary.get('step')} steps, "
+                f"{compare_lib.format_count(stats.tokens)} tokens, {compare_lib.format_seconds(stats.wall_s)}")
+        if stats.final_val_loss is not None:
+            head += (f"; val loss {stats.first_val_loss:.4f} -> {stats.final_val_loss:.4f}"
+                     f"{' (full pass)' if stats.final_val_full else ''}")
+        lines.append(head)
+        scores = [f"{row.get('shots', '?')}-shot acc {row['acc']:.4f} (acc_norm {row.get('acc_norm', float('nan')):.4f}"
+                  f", n={row.get('n', '?')})" for key, row in stage_summary.items()
+                  if key.startswith("mathqa_") and isinstance(row, dict) and "acc" in row]
+        if scores:
+            lines.append(f"  MathQA {config.mathqa.test_split}: " + "; ".join(scores))
+        stopped = stage_summary.get("stopped")
+        if stopped:
+            resume = str(stopped).startswith("received")
+            lines.append(f"  stopped: {stopped}{'; run the same command again to resume' if resume else ''}")
+        lines.append(f"  checkpoints: {folder / 'checkpoints'}")
+        if (folder / curves.FILENAME).is_file():
+            lines.append(f"  curves:      {folder / curves.FILENAME}")
+        lines.append(f"  tensorboard: {folder / 'tensorboard'}")
+    lines.append(f"view the logs: tensorboard --logdir {workdir}  (pip install tensorboard)")
+    lines.append(f"every metric: {pathlib.Path(workdir) / 'summary.json'} and the JSON line below")
+    return lines
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m jaxllm.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="a config file, e.g. configs/tiny.py")
@@ -197,7 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, default=float))
+    line = json.dumps(summary, default=float)
+    if distributed.is_primary():
+        try:  # a person first; scripts read the last line of stdout (or summary.json)
+            (pathlib.Path(workdir) / "summary.json").write_text(line + "\n")
+            print("\n".join(human_summary(summary, config, workdir)))
+        except Exception as error:  # noqa: BLE001 -- the run is done: a summary that fails is a warning
+            print(f"warning: could not write the run's summary ({type(error).__name__}: {error})", file=sys.stderr)
+    print(line)
     return 0
 
 

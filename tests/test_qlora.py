@@ -355,7 +355,8 @@ def rows(workdir, split):
 
     found = [r for r in read_metrics(workdir / "finetune" / "metrics.jsonl") if r["split"] == split]
     for row in found:
-        row.pop("tokens_per_s", None), row.pop("mfu", None), row.pop("seconds", None)  # timings
+        for timing in ("tokens_per_s", "mfu", "seconds", "elapsed_s"):
+            row.pop(timing, None)
     return found
 
 

@@ -87,6 +87,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, interrupt_train_step)
         summary = train_lib.train(tiny_config(tmp_path), tmp_path / "stopped")
     assert summary["stopped"] == "received SIGTERM" and summary["step"] == 3
     assert 3 in train_lib.checkpoint_lib.Checkpointer(tmp_path / "stopped" / "checkpoints").all_steps()
+    assert (tmp_path / "stopped" / "curves.png").is_file()  # drawn at the signal stop too
     train_lib.train(tiny_config(tmp_path), tmp_path / "stopped")
     assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")
 
@@ -177,12 +178,13 @@ def test_workdir_holds_config_metrics_tensorboard_and_checkpoints(tmp_path):
     assert json.loads((run / "config.json").read_text())["model"]["n_layer"] == 2
     rows = read_metrics(run / "metrics.jsonl")
     train_row = next(r for r in rows if r["split"] == "train")
-    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen"} <= train_row.keys()
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "elapsed_s"} <= train_row.keys()
     val_row = next(r for r in rows if r["split"] == "val")
     assert {"step", "loss", "perplexity", "accuracy"} <= val_row.keys()
     assert any(r.get("full") for r in rows)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert train_lib.checkpoint_lib.Checkpointer(run / "checkpoints").latest_step() == 8
+    assert (run / "curves.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")  # drawn when the stage closed
 
 
 # --- the CLI: one clear sentence for each mistake a user makes ---------------------------------------------
