@@ -30,7 +30,7 @@ from jaxllm.models.llama import Llama
 from jaxllm.models.moe import MoESpec
 
 __all__ = ["GPT2", "Llama", "build", "build_model", "init_cache", "count_params", "param_count",
-           "active_param_count", "flops_per_token", "head_dim", "rope_scaling", "mlp_hidden", "residual_dtype", "lm_head_matrix"]
+           "active_param_count", "flops_per_token", "head_dim", "rope_scaling", "logit_softcap", "mlp_hidden", "residual_dtype", "lm_head_matrix"]
 
 
 def build_model(model_cfg, moe_cfg=None) -> nn.Module:
@@ -56,7 +56,11 @@ def build_model(model_cfg, moe_cfg=None) -> nn.Module:
         return GPT2(sequence_length=m.sequence_length, **common)
     if m.name == "llama":
         return Llama(n_kv_head=m.n_kv_head or m.n_head, rope_theta=m.rope_theta, moe=moe,
-                     head_dim=m.get("head_dim", 0), rope_scaling=rope_scaling(m), **common)
+                     head_dim=m.get("head_dim", 0), rope_scaling=rope_scaling(m), qk_norm=bool(m.get("qk_norm", False)),
+                     mlp_activation=m.get("mlp_activation", "swiglu"),
+                     zero_init_proj=bool(m.get("zero_init_proj", False)),
+                     logit_softcap=float(m.get("logit_softcap", 0.0)),
+                     head_init_std=float(m.get("head_init_std", -1.0)), **common)
     raise ValueError(f"model.name is '{m.name}'; choose one of gpt2, llama")
 
 
@@ -115,6 +119,11 @@ def abstract_params(model_cfg, moe_cfg=None):
 def param_count(model_cfg, moe_cfg=None) -> int:
     """Number of parameters of the configured model (every expert counted), computed without allocating them."""
     return count_params(abstract_params(model_cfg, moe_cfg))
+
+
+def logit_softcap(model_cfg) -> float:
+    """The cap of the logits (`model.logit_softcap`; 0 = off, also for configs saved before it existed)."""
+    return float(model_cfg.get("logit_softcap", 0.0))
 
 
 def inactive_expert_params(model_cfg, moe_cfg=None) -> int:
