@@ -517,6 +517,14 @@ def _validate_recipe(config: ml_collections.ConfigDict) -> None:
                 raise ConfigError(f"optim.{field} is {o[field]}; it must be in [0, 1)")
 
 
+def llama_incompatible_options(model_cfg) -> list[str]:
+    """The recipe options of a `model` section that a Llama checkpoint (transformers' LlamaForCausalLM,
+    llama.cpp's llama GGUF) cannot express, as "model.field=value"; zero-init and the head's init std only
+    set initial values, so they are not listed."""
+    return [f"model.{field}={model_cfg.get(field, off)!r}" for field, off in RECIPE_MODEL_OFF.items()
+            if field != "zero_init_proj" and model_cfg.get(field, off) != off]
+
+
 def _validate_moe(config: ml_collections.ConfigDict) -> None:
     e, m = config.moe, config.model
     _positive(e.n_experts, "moe.n_experts", allow_zero=True)
