@@ -153,6 +153,9 @@ def flops_per_token(model_cfg, moe_cfg=None) -> float:
     causal mask makes half the scores unneeded, as MaxText counts it. With mixture-of-experts layers only
     the active parameters count (the top_k chosen experts and the router): the routing's own cost, not
     what a capacity factor > 1 or the dropless CPU lowering actually spend.
+    The recipe's options enter through the parameters: relu2's 2 * D * F MLP (F = 4 D) in place of SwiGLU's
+    3 * D * F, and qk_norm's 2 * K scales per layer (counted like every norm scale, 6 FLOPs each); the
+    softcap's tanh and the norms' elementwise work are not counted, as no elementwise op is.
     """
     params = abstract_params(model_cfg, moe_cfg)
     v, d = model_cfg.vocab_size, model_cfg.n_embd
