@@ -26,7 +26,10 @@ ATTENTION_IMPLS = ("auto", "cudnn", "xla", "jaxllm")  # jaxllm/models/attention.
 RESIDUAL_DTYPES = ("float32", "compute")
 DATA_SOURCES = ("synthetic", "hub", "local")
 TOKENIZERS = ("gpt2", "byte", "hf")
-OPTIMIZERS = ("adamw", "lion", "sgd")
+OPTIMIZERS = ("adamw", "lion", "sgd", "muon")
+MLP_ACTIVATIONS = ("swiglu", "relu2")  # llama's MLP: gated SiLU (the reference) or non-gated relu(x)^2
+# The recipe's llama options and their "off" values (what configs saved before they existed mean).
+RECIPE_MODEL_OFF = {"qk_norm": False, "mlp_activation": "swiglu", "zero_init_proj": False, "logit_softcap": 0.0}
 SCHEDULES = ("cos", "linear", "cosine", "wsd", "constant")
 MOE_MODES = ("dropless", "capacity")
 STAGES = ("pretrain", "finetune")
@@ -75,6 +78,12 @@ def default_config() -> ml_collections.ConfigDict:
     m.remat = "none"  # rematerialise each block in the backward pass: none, full, dots (save matmuls)
     m.attention = "auto"  # auto (CPU: jaxllm; GPU: cudnn where it fits, else xla), cudnn, xla, jaxllm: models/attention.py
     m.residual_dtype = "float32"  # residual stream: float32 (PyTorch autocast's, even under bf16) or compute (= dtype)
+    # The modern recipe's model options (llama only; all off by default, the reference model unchanged):
+    m.qk_norm = False  # RMSNorm over each head's K dims of queries and keys (learned scale [K]), before RoPE
+    m.mlp_activation = "swiglu"  # swiglu, or relu2: non-gated w2(relu(w3 x)^2), hidden 4 * n_embd unless mlp_hidden
+    m.zero_init_proj = False  # attention output (o) and MLP down (w2) projections start at zero
+    m.logit_softcap = 0.0  # > 0: logits = cap * tanh(logits / cap) (plain and fused heads); 0 = off
+    m.head_init_std = -1.0  # untied LM head's init std: < 0 = init_std (the reference), 0 = zeros (modded-nanogpt)
 
     c.moe = e = ml_collections.ConfigDict()  # mixture-of-experts MLPs (llama only; jaxllm/models/moe.py)
     e.n_experts = 0  # experts per MoE layer; 0 = dense model
@@ -127,6 +136,15 @@ def default_config() -> ml_collections.ConfigDict:
     o.final_div_factor = 0.1  # one-cycle: end at lr / div_factor / final_div_factor
     o.min_lr_ratio = 0.1  # cosine/wsd: final lr = lr * min_lr_ratio
     o.decay_pct = 0.2  # wsd: fraction of steps spent decaying at the end
+    # muon (jaxllm/optim.py): Muon on the blocks' 2-D projection kernels (and stacked expert kernels), AdamW with
+    # lr / betas / eps / weight_decay above on everything else (embedding, LM head, norms, MoE routers).
+    o.muon_lr = 0.02  # the Muon group's peak lr; its schedule has the same shape as optim.lr's
+    o.muon_momentum = 0.95  # Muon's momentum (EMA) coefficient
+    o.muon_momentum_start = 0.85  # with muon_momentum_warmup_steps > 0: the momentum ramps linearly from this
+    o.muon_momentum_warmup_steps = 0  # steps of that ramp (modded-nanogpt: 300); 0 = muon_momentum throughout
+    o.muon_nesterov = True  # Nesterov momentum (Keller Jordan's default)
+    o.muon_ns_steps = 5  # Newton-Schulz iterations
+    o.muon_weight_decay = 0.0  # decoupled, lr-scaled weight decay of the Muon group
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 10000  # optimizer steps
@@ -409,6 +427,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _choice(m.remat, REMAT_POLICIES, "model.remat")
     _choice(m.attention, ATTENTION_IMPLS, "model.attention")
     _choice(m.residual_dtype, RESIDUAL_DTYPES, "model.residual_dtype")
+    _validate_recipe(config)
     _choice(d.source, DATA_SOURCES, "data.source")
     _choice(d.tokenizer, TOKENIZERS, "data.tokenizer")
     _choice(o.name, OPTIMIZERS, "optim.name")
@@ -472,6 +491,38 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"data.val_fraction is {d.val_fraction}; it must be in (0, 1)")
     _validate_stages(config)
     return config
+
+
+def _validate_recipe(config: ml_collections.ConfigDict) -> None:
+    """The modern recipe's model options (llama only) and the muon optimizer's fields."""
+    m, o = config.model, config.optim
+    options = {field: m.get(field, off) for field, off in RECIPE_MODEL_OFF.items()}
+    _choice(options["mlp_activation"], MLP_ACTIVATIONS, "model.mlp_activation")
+    _positive(options["logit_softcap"], "model.logit_softcap", allow_zero=True)
+    if m.name != "llama":
+        for field, off in RECIPE_MODEL_OFF.items():
+            if options[field] != off:
+                raise ConfigError(f"model.{field} is {options[field]!r} but it is a llama option; set "
+                                  f"model.name=llama or model.{field}={off!r}")
+    if options["mlp_activation"] == "relu2" and config.moe.n_experts:
+        raise ConfigError("model.mlp_activation=relu2 is for dense MLPs (the experts are SwiGLUs); set "
+                          "moe.n_experts=0 or model.mlp_activation=swiglu")
+    if o.name == "muon":
+        _positive(o.muon_lr, "optim.muon_lr")
+        _positive(o.muon_ns_steps, "optim.muon_ns_steps")
+        _positive(o.muon_weight_decay, "optim.muon_weight_decay", allow_zero=True)
+        _positive(o.muon_momentum_warmup_steps, "optim.muon_momentum_warmup_steps", allow_zero=True)
+        for field in ("muon_momentum", "muon_momentum_start"):
+            if not 0 <= o[field] < 1:
+                raise ConfigError(f"optim.{field} is {o[field]}; it must be in [0, 1)")
+
+
+def llama_incompatible_options(model_cfg) -> list[str]:
+    """The recipe options of a `model` section that a Llama checkpoint (transformers' LlamaForCausalLM,
+    llama.cpp's llama GGUF) cannot express, as "model.field=value"; zero-init and the head's init std only
+    set initial values, so they are not listed."""
+    return [f"model.{field}={model_cfg.get(field, off)!r}" for field, off in RECIPE_MODEL_OFF.items()
+            if field != "zero_init_proj" and model_cfg.get(field, off) != off]
 
 
 def _validate_moe(config: ml_collections.ConfigDict) -> None:

@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxllm.config import ConfigError
+from jaxllm.config import ConfigError, llama_incompatible_options
 from jaxllm import tokenizer as tokenizer_lib
 
 QUANTS = ("f32", "f16", "q8_0")
@@ -308,6 +308,10 @@ def write_gguf(model_cfg, params, path: str | os.PathLike, *, tokenizer_files=No
     gguf = _gguf()
     if model_cfg.name != "llama":
         raise GGUFError(f"model.name is {model_cfg.name}; GGUF export writes llama models only")
+    unexpressed = llama_incompatible_options(model_cfg)
+    if unexpressed:
+        raise GGUFError(f"the model uses {', '.join(unexpressed)}, which llama.cpp's llama architecture cannot "
+                        "express; such a model is kept as a jaxllm checkpoint (generate and eval read it)")
     if quant not in QUANTS:
         raise GGUFError(f"quant '{quant}' is not one of {', '.join(QUANTS)}")
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,

@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 
 from jaxllm import config as config_lib
-from jaxllm.config import ConfigError
+from jaxllm.config import ConfigError, llama_incompatible_options
 from jaxllm.models import mlp_hidden
 
 CONFIG = "config.json"
@@ -339,6 +339,10 @@ def check_exportable(config) -> None:
     if config.get("moe") is not None and config.moe.n_experts:
         raise HFError("the model has mixture-of-experts layers; transformers' LlamaForCausalLM has none, so "
                       "jaxllm exports dense llama models only")
+    unexpressed = llama_incompatible_options(config.model)
+    if unexpressed:
+        raise HFError(f"the model uses {', '.join(unexpressed)}, which a Hugging Face Llama checkpoint cannot "
+                      "express; such a model is kept as a jaxllm checkpoint (generate and eval read it)")
 
 
 def save_pretrained(config, params, out_dir: str | os.PathLike, *, dtype: str = "float32", tokenizer=None) -> pathlib.Path:

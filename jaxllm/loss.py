@@ -90,7 +90,7 @@ def summarize(sums: LossSums) -> dict[str, float]:
 
 
 def _chunk_terms(hidden_DxC, hidden_CxD, head_VxD, head_DxV, targets_C, weights_C, label_smoothing, z_loss,
-                 with_grads):
+                 with_grads, softcap=0.0):
     """One chunk of C tokens, vocabulary-major: LossSums and, if `with_grads`, the gradients of its `loss` sum,
     (dhidden [D, C] float32, dhead [V, D] float32).
 
@@ -99,10 +99,15 @@ def _chunk_terms(hidden_DxC, hidden_CxD, head_VxD, head_DxV, targets_C, weights_
     plain [m, k] @ [k, n] product of row-major operands, which is the layout XLA:CPU's bf16 dot kernels take
     directly (a transposed operand sent them to a float32 fallback ~2-4x slower): hence the chunk arrives in
     both layouts and the head in both orientations. Per token, d objective / d logits =
-    (1 + 2 z lse) softmax - (1 - eps) onehot(target) - eps / V, times the token's weight.
+    (1 + 2 z lse) softmax - (1 - eps) onehot(target) - eps / V, times the token's weight. With `softcap` > 0
+    the logits are cap * tanh(raw / cap) and that derivative is taken back through the tanh:
+    d objective / d raw = d objective / d logits * (1 - tanh^2).
     """
     compute_dtype = hidden_CxD.dtype
     logits_VxC = jnp.dot(head_VxD, hidden_DxC, preferred_element_type=jnp.float32)
+    if softcap:
+        tanh_VxC = jnp.tanh(logits_VxC / softcap)
+        logits_VxC = softcap * tanh_VxC
     v, c = logits_VxC.shape
     max_C = jnp.max(logits_VxC, axis=0)
     exp_VxC = jnp.exp(logits_VxC - max_C[None, :])
@@ -131,18 +136,22 @@ def _chunk_terms(hidden_DxC, hidden_CxD, head_VxD, head_DxV, targets_C, weights_
     onehot_VxC = jnp.arange(v)[:, None] == targets_C[None, :]
     dlogits_VxC = (probs_scale_C[None, :] * exp_VxC
                    - jnp.where(onehot_VxC, ((1.0 - label_smoothing) * scale_C)[None, :], 0.0)
-                   - (label_smoothing / v) * scale_C[None, :]).astype(compute_dtype)
+                   - (label_smoothing / v) * scale_C[None, :])
+    if softcap:
+        dlogits_VxC = dlogits_VxC * (1.0 - jnp.square(tanh_VxC))
+    dlogits_VxC = dlogits_VxC.astype(compute_dtype)
     dhidden_DxC = jnp.dot(head_DxV, dlogits_VxC, preferred_element_type=jnp.float32)
     dhead_VxD = jnp.dot(dlogits_VxC, hidden_CxD, preferred_element_type=jnp.float32)
     return sums, dhidden_DxC, dhead_VxD
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _fused_loss(hidden_NxD, head_DxV, targets_N, weights_N, chunk, label_smoothing, z_loss):
-    return _scan_chunks(hidden_NxD, head_DxV, targets_N, weights_N, chunk, label_smoothing, z_loss, False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _fused_loss(hidden_NxD, head_DxV, targets_N, weights_N, chunk, label_smoothing, z_loss, softcap):
+    return _scan_chunks(hidden_NxD, head_DxV, targets_N, weights_N, chunk, label_smoothing, z_loss, False, softcap)
 
 
-def _scan_chunks(hidden_NxD, head_DxV, targets_N, weights_N, chunk, label_smoothing, z_loss, with_grads):
+def _scan_chunks(hidden_NxD, head_DxV, targets_N, weights_N, chunk, label_smoothing, z_loss, with_grads,
+                 softcap=0.0):
     """Sum `_chunk_terms` over the N / chunk chunks; with grads: (sums, (dhidden [N, D], dhead [D, V])).
 
     The head is cast to the compute dtype and laid out both ways once, outside the loop, as row-major
@@ -160,7 +169,7 @@ def _scan_chunks(hidden_NxD, head_DxV, targets_N, weights_N, chunk, label_smooth
     def terms(x):
         hidden_DxC, hidden_CxD, targets_C, weights_C = x
         return _chunk_terms(hidden_DxC, hidden_CxD, head_VxD, head_DxV, targets_C, weights_C, label_smoothing,
-                            z_loss, with_grads)
+                            z_loss, with_grads, softcap)
 
     first = terms(jax.tree.map(lambda a: a[0], xs))
     rest = jax.tree.map(lambda a: a[1:], xs)
@@ -180,12 +189,13 @@ def _scan_chunks(hidden_NxD, head_DxV, targets_N, weights_N, chunk, label_smooth
     return total, (dhidden_NxD, primitives.transposed(dhead_VxD))
 
 
-def _fused_fwd(hidden_NxD, head_DxV, targets_N, weights_N, chunk, label_smoothing, z_loss):
-    total, grads = _scan_chunks(hidden_NxD, head_DxV, targets_N, weights_N, chunk, label_smoothing, z_loss, True)
+def _fused_fwd(hidden_NxD, head_DxV, targets_N, weights_N, chunk, label_smoothing, z_loss, softcap):
+    total, grads = _scan_chunks(hidden_NxD, head_DxV, targets_N, weights_N, chunk, label_smoothing, z_loss, True,
+                                softcap)
     return total, (grads, jnp.zeros((0,), head_DxV.dtype))  # the empty array carries head's dtype
 
 
-def _fused_bwd(chunk, label_smoothing, z_loss, residuals, cotangent):
+def _fused_bwd(chunk, label_smoothing, z_loss, softcap, residuals, cotangent):
     (dhidden_NxD, dhead_DxV), head_dtype_0 = residuals
     g = cotangent.loss  # the wrapper stops the gradient of nll, correct and weight: only `loss` has one
     return ((g * dhidden_NxD).astype(dhidden_NxD.dtype), (g * dhead_DxV).astype(head_dtype_0.dtype), None, None)
@@ -220,8 +230,9 @@ def head_chunk(setting: int, vocab_size: int, n_tokens: int, backend: str | None
 
 def chunked_cross_entropy(hidden_BxLxD: jax.Array, head_DxV: jax.Array, targets_BxL: jax.Array,
                           weights_BxL: jax.Array, *, chunk: int, label_smoothing: float = 0.0,
-                          z_loss: float = 0.0) -> LossSums:
-    """`cross_entropy(hidden @ head, ...)` without ever holding the float32 logits [B, L, V].
+                          z_loss: float = 0.0, softcap: float = 0.0) -> LossSums:
+    """`cross_entropy(hidden @ head, ...)` without ever holding the float32 logits [B, L, V]; with `softcap`
+    > 0, `cross_entropy(cap * tanh(hidden @ head / cap), ...)` (the model's `logit_softcap`).
 
     The B*L tokens are cut into chunks of `chunk` tokens (the last one padded with weight 0). In one
     `lax.scan` over the chunks, a custom VJP computes for each chunk the logits [V, chunk] (hidden's dtype,
@@ -242,5 +253,6 @@ def chunked_cross_entropy(hidden_BxLxD: jax.Array, head_DxV: jax.Array, targets_
     if pad:
         hidden_NxD = jnp.pad(hidden_NxD, ((0, pad), (0, 0)))
         targets_N, weights_N = jnp.pad(targets_N, (0, pad)), jnp.pad(weights_N, (0, pad))
-    sums = _fused_loss(hidden_NxD, head_DxV, targets_N, weights_N, chunk, float(label_smoothing), float(z_loss))
+    sums = _fused_loss(hidden_NxD, head_DxV, targets_N, weights_N, chunk, float(label_smoothing), float(z_loss),
+                       float(softcap))
     return LossSums(sums.loss, *(jax.lax.stop_gradient(x) for x in sums[1:]))

@@ -6,6 +6,11 @@ updates from 0, as PyTorch's scheduler does before its first `scheduler.step()`)
 
 Weight decay is decoupled from the gradient statistics and multiplied by the learning rate, as in PyTorch
 AdamW (`p -= lr * wd * p`), and applies only to linear-layer weight matrices (`decay_mask`).
+
+Muon (`optim.name=muon`, `make_muon`): the blocks' projection kernels (`muon_labels`) get optax's Muon
+(optax.contrib: Nesterov momentum, 5 quintic Newton-Schulz steps with Keller Jordan's coefficients, the
+update scaled by sqrt(max(1, fan_out / fan_in))); everything else gets AdamW as `adamw` would. Each group
+has its own peak lr (optim.muon_lr, optim.lr) on the same schedule shape.
 """
 
 from __future__ import annotations
@@ -97,8 +102,9 @@ def _warmup_then(lr: float, warmup: int, after) -> optax.Schedule:
     return schedule
 
 
-def make_schedule(config) -> optax.Schedule:
-    """The learning rate as a function of the optimizer step, from `config.optim` and `config.train.steps`.
+def make_schedule(config, peak_lr: float | None = None) -> optax.Schedule:
+    """The learning rate as a function of the optimizer step, from `config.optim` and `config.train.steps`;
+    `peak_lr` replaces optim.lr (the same shape at another height: the Muon group's optim.muon_lr).
 
     cos/linear: `onecycle_schedule` (pct_start = warmup_pct, div_factor, final_div_factor).
     cosine: linear warm-up 0 -> lr, then cosine to lr * min_lr_ratio at step train.steps.
@@ -107,7 +113,7 @@ def make_schedule(config) -> optax.Schedule:
     constant: linear warm-up, then lr.
     """
     o, steps = config.optim, int(config.train.steps)
-    lr = float(o.lr)
+    lr = float(o.lr if peak_lr is None else peak_lr)
     if o.schedule in ANNEALS:
         return onecycle_schedule(lr, steps, pct_start=o.warmup_pct, anneal=o.schedule,
                                  div_factor=o.div_factor, final_div_factor=o.final_div_factor)
@@ -150,6 +156,97 @@ def decay_mask(params) -> Any:
     return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
+# The modules whose "kernel" is a hidden weight matrix: attention q/k/v/o, SwiGLU w1/w2/w3 (also relu2's w3/w2
+# and MoE's stacked expert kernels [E, I, O]), gpt2's fc/proj. Not the embedding, the LM head or MoE routers.
+MUON_MODULES = frozenset({"q", "k", "v", "o", "w1", "w2", "w3", "fc", "proj"})
+
+
+def muon_labels(params) -> Any:
+    """A pytree of "muon" / "adam" like `params`: "muon" for a hidden weight matrix, i.e. a "kernel" leaf of a
+    MUON_MODULES module with 2 dimensions [I, O] or 3 (stacked experts [E, I, O], each orthogonalised on
+    its own); "adam" for the rest (embedding, LM head, norm scales, MoE routers, LoRA adapters "a"/"b").
+    The head and the embedding stay on AdamW as in modded-nanogpt: their rows are per-token, not a map
+    between hidden spaces whose singular values Muon's orthogonalisation equalises."""
+
+    def label(path, leaf) -> str:
+        keys = [_key_name(key) for key in path]
+        hidden = len(keys) >= 2 and keys[-1] == "kernel" and keys[-2] in MUON_MODULES and jnp.ndim(leaf) in (2, 3)
+        return "muon" if hidden else "adam"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _muon_dimension_numbers(updates) -> Any:
+    """optax's MuonDimensionNumbers for the Muon group's leaves (the others are optax MaskedNodes, no leaves):
+    [I, O] reduces axis 0; stacked experts [E, I, O] axis 1, the expert axis a batch axis (vmapped)."""
+    def numbers(leaf):
+        axis = jnp.ndim(leaf) - 2
+        return optax.contrib.MuonDimensionNumbers(reduction_axis=axis, output_axis=axis + 1)
+
+    return jax.tree.map(numbers, updates)
+
+
+def scale_by_width() -> optax.GradientTransformation:
+    """Each [..., I, O] update times sqrt(max(1, O / I)): Keller Jordan's Muon width scaling, which optax's
+    `muon` applies with its (unexported) `scale_by_shape`; written out here to be used outside `muon`."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u: u * math.sqrt(max(1.0, u.shape[-1] / u.shape[-2])), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def muon_momentum(config) -> float | optax.Schedule:
+    """Muon's momentum: optim.muon_momentum, or with muon_momentum_warmup_steps = N > 0 a schedule rising
+    linearly from muon_momentum_start at step 0 to muon_momentum at step N, constant after (modded-nanogpt's
+    0.85 -> 0.95 over 300 steps)."""
+    o = config.optim
+    end, warmup = float(o.muon_momentum), int(o.muon_momentum_warmup_steps)
+    if warmup <= 0:
+        return end
+    start = float(o.muon_momentum_start)
+
+    def schedule(step) -> jax.Array:
+        frac = jnp.clip(jnp.asarray(step, jnp.float32) / warmup, 0.0, 1.0)
+        return (start * (1.0 - frac) + end * frac).astype(jnp.float32)
+
+    return schedule
+
+
+def make_muon(config) -> optax.GradientTransformation:
+    """Muon on `muon_labels`' "muon" leaves, AdamW on the rest (`optax.partition`), each with its own lr.
+
+    Muon group: optax.contrib.scale_by_muon (momentum EMA m = beta m + (1 - beta) g; Nesterov: beta m + (1 -
+    beta) g; then 5 Newton-Schulz steps of X <- a X + (b A + c A^2) X, A = X X^T, (a, b, c) = (3.4445, -4.7750,
+    2.0315), after X / (||X||_F + 1e-8), on the wider orientation), `scale_by_width`
+    (sqrt(max(1, fan_out / fan_in)), Keller Jordan's width scaling, as optax's `muon`), decoupled weight decay
+    optim.muon_weight_decay, times -schedule(muon_lr). One difference from Keller Jordan's PyTorch Muon:
+    optax bias-corrects both terms of the Nesterov mix (m / (1 - beta^(t+1)) and g / (1 - beta^t)), which
+    changes their relative weight over the first tens of steps and not after (tests/test_recipe.py checks
+    the update against a numpy reference both ways). A momentum warm-up (`muon_momentum`) is injected as a
+    hyperparameter (optax.inject_hyperparams), so beta is read from the schedule at each step and stored in
+    the state.
+    AdamW group: exactly `make_optimizer`'s adamw (optim.lr, betas, eps, weight_decay on `decay_mask`).
+    """
+    o = config.optim
+    muon_kwargs = dict(ns_steps=int(o.muon_ns_steps), nesterov=bool(o.muon_nesterov),
+                       weight_dimension_numbers=_muon_dimension_numbers)
+    momentum = muon_momentum(config)
+    if callable(momentum):
+        orthogonalise = optax.inject_hyperparams(optax.contrib.scale_by_muon, static_args=tuple(muon_kwargs))(
+            beta=momentum, **muon_kwargs)
+    else:
+        orthogonalise = optax.contrib.scale_by_muon(beta=momentum, **muon_kwargs)
+    muon = optax.chain(orthogonalise,
+                       scale_by_width(),
+                       optax.add_decayed_weights(o.muon_weight_decay, mask=decay_mask),
+                       optax.scale_by_learning_rate(make_schedule(config, peak_lr=float(o.muon_lr))))
+    adam = optax.adamw(make_schedule(config), b1=o.beta1, b2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
+                       mask=decay_mask)
+    return optax.partition({"muon": muon, "adam": adam}, muon_labels)
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
     """Global-norm clipping (if optim.grad_clip > 0), then the optimizer named by optim.name.
 
@@ -158,6 +255,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
     lion: optax.lion with betas and the same masked, decoupled weight decay.
     sgd: heavy-ball momentum (optim.momentum) on the gradient, plus the masked decay added after the
       momentum (decoupled: it does not accumulate in the momentum), all times -lr.
+    muon: `make_muon` (Muon on the hidden weight matrices at optim.muon_lr, this adamw on the rest).
     The learning rate follows `make_schedule(config)`.
     """
     o = config.optim
@@ -170,8 +268,10 @@ def make_optimizer(config) -> optax.GradientTransformation:
         opt = optax.chain(optax.trace(decay=o.momentum),
                           optax.add_decayed_weights(o.weight_decay, mask=decay_mask),
                           optax.scale_by_learning_rate(schedule))
+    elif o.name == "muon":
+        opt = make_muon(config)
     else:
-        raise ValueError(f"optim.name is '{o.name}'; choose one of adamw, lion, sgd")
+        raise ValueError(f"optim.name is '{o.name}'; choose one of adamw, lion, sgd, muon")
     if o.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)
     return opt

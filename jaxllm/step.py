@@ -111,7 +111,8 @@ def _loss_sums(model: nn.Module, config, params, batch: Batch, dropout_key, shar
 
         def fused(hidden_BxLxD, targets_BxL, weights_BxL):
             return loss_lib.chunked_cross_entropy(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL, chunk=chunk,
-                                                  label_smoothing=config.loss.label_smoothing, z_loss=config.loss.z_loss)
+                                                  label_smoothing=config.loss.label_smoothing, z_loss=config.loss.z_loss,
+                                                  softcap=models.logit_softcap(config.model))
 
         if shards > 1:  # [S, B/S, ...]: one chunk loop per batch shard, each on its own devices
             def split(x):

@@ -30,7 +30,7 @@ from jaxllm.models.llama import Llama
 from jaxllm.models.moe import MoESpec
 
 __all__ = ["GPT2", "Llama", "build", "build_model", "init_cache", "count_params", "param_count",
-           "active_param_count", "flops_per_token", "head_dim", "rope_scaling", "mlp_hidden", "residual_dtype", "lm_head_matrix"]
+           "active_param_count", "flops_per_token", "head_dim", "rope_scaling", "logit_softcap", "mlp_hidden", "residual_dtype", "lm_head_matrix"]
 
 
 def build_model(model_cfg, moe_cfg=None) -> nn.Module:
@@ -56,7 +56,11 @@ def build_model(model_cfg, moe_cfg=None) -> nn.Module:
         return GPT2(sequence_length=m.sequence_length, **common)
     if m.name == "llama":
         return Llama(n_kv_head=m.n_kv_head or m.n_head, rope_theta=m.rope_theta, moe=moe,
-                     head_dim=m.get("head_dim", 0), rope_scaling=rope_scaling(m), **common)
+                     head_dim=m.get("head_dim", 0), rope_scaling=rope_scaling(m), qk_norm=bool(m.get("qk_norm", False)),
+                     mlp_activation=m.get("mlp_activation", "swiglu"),
+                     zero_init_proj=bool(m.get("zero_init_proj", False)),
+                     logit_softcap=float(m.get("logit_softcap", 0.0)),
+                     head_init_std=float(m.get("head_init_std", -1.0)), **common)
     raise ValueError(f"model.name is '{m.name}'; choose one of gpt2, llama")
 
 
@@ -117,6 +121,11 @@ def param_count(model_cfg, moe_cfg=None) -> int:
     return count_params(abstract_params(model_cfg, moe_cfg))
 
 
+def logit_softcap(model_cfg) -> float:
+    """The cap of the logits (`model.logit_softcap`; 0 = off, also for configs saved before it existed)."""
+    return float(model_cfg.get("logit_softcap", 0.0))
+
+
 def inactive_expert_params(model_cfg, moe_cfg=None) -> int:
     """Parameters of the experts a token does not use: (E - top_k) SwiGLUs of 3 * D * F in each MoE layer."""
     moe = MoESpec.from_config(moe_cfg)
@@ -144,6 +153,9 @@ def flops_per_token(model_cfg, moe_cfg=None) -> float:
     causal mask makes half the scores unneeded, as MaxText counts it. With mixture-of-experts layers only
     the active parameters count (the top_k chosen experts and the router): the routing's own cost, not
     what a capacity factor > 1 or the dropless CPU lowering actually spend.
+    The recipe's options enter through the parameters: relu2's 2 * D * F MLP (F = 4 D) in place of SwiGLU's
+    3 * D * F, and qk_norm's 2 * K scales per layer (counted like every norm scale, 6 FLOPs each); the
+    softcap's tanh and the norms' elementwise work are not counted, as no elementwise op is.
     """
     params = abstract_params(model_cfg, moe_cfg)
     v, d = model_cfg.vocab_size, model_cfg.n_embd

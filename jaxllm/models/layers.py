@@ -30,7 +30,10 @@ LINEAR_OUTPUT = "linear_output"  # checkpoint name of every Dense output (what r
 
 
 def normal(std: float) -> nn.initializers.Initializer:
-    """N(0, std^2), the reference init (PyTorch `normal_`, not truncated)."""
+    """N(0, std^2), the reference init (PyTorch `normal_`, not truncated); std == 0: exact zeros (the recipe's
+    zero-initialised projections and head)."""
+    if std == 0:
+        return nn.initializers.zeros
     return nn.initializers.normal(stddev=std)
 
 
@@ -48,7 +51,8 @@ def residual_dtype(model_cfg) -> jnp.dtype:
 
 
 def mlp_hidden(model_cfg) -> int:
-    """MLP hidden width F: `model_cfg.mlp_hidden` if > 0, else gpt2: 4*d; llama: the SwiGLU rule.
+    """MLP hidden width F: `model_cfg.mlp_hidden` if > 0, else gpt2 and llama's relu2 MLP: 4*d; llama: the
+    SwiGLU rule.
 
     The SwiGLU rule rounds int(2 * 4 * d / 3) up to a multiple of `mlp_multiple_of` (2048 at d=768,
     2816 at d=1024), which keeps the parameter count of a 4*d GELU MLP.
@@ -56,7 +60,7 @@ def mlp_hidden(model_cfg) -> int:
     if model_cfg.mlp_hidden > 0:
         return int(model_cfg.mlp_hidden)
     d = model_cfg.n_embd
-    if model_cfg.name == "gpt2":
+    if model_cfg.name == "gpt2" or model_cfg.get("mlp_activation", "swiglu") == "relu2":
         return 4 * d
     h, m = int(2 * 4 * d / 3), model_cfg.mlp_multiple_of
     return m * ((h + m - 1) // m)
@@ -217,6 +221,8 @@ class CausalSelfAttention(nn.Module):
     attention: str = "jaxllm"  # the kernel: attention_lib.attention_impl's answer, never "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    qk_norm: bool = False  # RMSNorm over K of every query and key head ("q_norm", "k_norm": scale [K]), before RoPE
+    norm_eps: float = 1e-5  # the qk norms' eps
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, deterministic: bool = True, cache: dict | None = None,
@@ -231,6 +237,10 @@ class CausalSelfAttention(nn.Module):
         q_BxLxHxK = proj(h * k, self.init_std, name="q")(x_BxLxD).reshape(b, l, h, k)
         k_BxLxGxK = proj(g * k, self.init_std, name="k")(x_BxLxD).reshape(b, l, g, k)
         v_BxLxGxK = proj(g * k, self.init_std, name="v")(x_BxLxD).reshape(b, l, g, k)
+        if self.qk_norm:  # one scale [K] per norm, shared by the heads (OLMo 2, Qwen3); cached keys are normed
+            norm = functools.partial(RMSNorm, eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+            q_BxLxHxK = norm(name="q_norm")(q_BxLxHxK)
+            k_BxLxGxK = norm(name="k_norm")(k_BxLxGxK)
         positions_L = None if cache is None else position + jnp.arange(l)  # decoding: where the tokens sit
         if self.use_rope and positions_BxL is not None:
             cos_BLxHalf, sin_BLxHalf = rope_angles(positions_BxL.reshape(-1), k, self.rope_theta, self.rope_scaling)
@@ -289,6 +299,26 @@ class SwiGLU(nn.Module):
         return proj(x_BxLxD.shape[-1], self.out_std, name="w2")(nn.silu(gate_BxLxF) * up_BxLxF)
 
 
+class Relu2MLP(nn.Module):
+    """The recipe's non-gated MLP (modded-nanogpt): w2(relu(w3(x))^2); w3 up D -> F, w2 down F -> D, bias-free.
+
+    The kernels are named as SwiGLU's up and down (so LoRA's up/down targets and the sharding rules apply);
+    there is no gate (w1). relu and the square run in the compute dtype, like SwiGLU's silu and product.
+    """
+
+    hidden: int
+    init_std: float
+    out_std: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        proj = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        up_BxLxF = proj(self.hidden, self.init_std, name="w3")(x_BxLxD)
+        return proj(x_BxLxD.shape[-1], self.out_std, name="w2")(jnp.square(nn.relu(up_BxLxF)))
+
+
 def remat_block(block_cls: type[nn.Module], remat: str) -> type[nn.Module]:
     """The block class wrapped for rematerialisation: none, full (recompute all), dots (save matmuls).
 
@@ -314,6 +344,14 @@ def tied_logits(x_BxLxD: jax.Array, embedding_VxD: jax.Array, dtype: Dtype) -> j
     """LM head sharing the token embedding: x @ E^T in `dtype` with float32 accumulation and output."""
     return jnp.einsum("bld,vd->blv", x_BxLxD.astype(dtype), embedding_VxD.astype(dtype),
                       preferred_element_type=jnp.float32)
+
+
+def softcap(logits: jax.Array, cap: float) -> jax.Array:
+    """cap * tanh(logits / cap) (Gemma 2, modded-nanogpt): every logit in (-cap, cap), ~unchanged when small;
+    cap == 0: the logits as they are."""
+    if not cap:
+        return logits
+    return cap * jnp.tanh(logits / cap)
 
 
 def lm_head(vocab_size: int, std: float, dtype: Dtype, param_dtype: Dtype) -> nn.Dense:

@@ -1,5 +1,11 @@
 """Llama: RMSNorm (float32), RoPE attention with optional grouped-query heads, SwiGLU MLP, no positions.
 
+The modern recipe's options (all off by default, which is the reference model op for op): `qk_norm`
+(RMSNorm of each query and key head before RoPE, params attn/q_norm, attn/k_norm {"scale": [K]}),
+`mlp_activation="relu2"` (layers.Relu2MLP: mlp/{w3, w2}), `zero_init_proj` (o and w2 start at zero, so
+each block starts as the identity), `logit_softcap` (cap * tanh(logits / cap) on the plain head; the fused
+head in loss.py applies the same cap) and `head_init_std` (the untied head's init: 0 = zeros).
+
 Parameter tree: embed/embedding [V, D], blocks_i/{attn_norm, attn/{q,k,v,o}, mlp_norm, mlp/{w1,w3,w2}},
 norm_f, and lm_head/kernel [D, V] when the head is untied; every linear weight is a "kernel", every norm
 weight a "scale". An MoE layer's mlp is {router, w1, w3, w2} with stacked expert kernels (models/moe.py).
@@ -51,6 +57,9 @@ class Block(nn.Module):
     residual_dtype: Dtype = jnp.float32  # the dtype of the stream x the block reads and returns
     head_dim: int = 0  # K; 0 = D / H
     rope_scaling: tuple[float, float, float, int] | None = None  # layers.rope_inv_freq
+    qk_norm: bool = False  # RMSNorm on each query / key head (layers.CausalSelfAttention)
+    mlp_activation: str = "swiglu"  # swiglu or relu2 (layers.Relu2MLP); MoE layers are SwiGLU experts
+    zero_init_proj: bool = False  # o and w2 (every expert's too) initialised to zero
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, deterministic: bool = True, cache: dict | None = None,
@@ -58,14 +67,17 @@ class Block(nn.Module):
                  segment_ids_BxL: jax.Array | None = None, positions_BxL: jax.Array | None = None):
         """x [B, L, D] -> x; with a KV `cache` (decoding, layers.CausalSelfAttention): (x, updated cache).
         `segment_ids_BxL` / `positions_BxL`: packed rows (layers.CausalSelfAttention)."""
-        out_std = layers.residual_std(self.init_std, self.n_layer)
+        out_std = 0.0 if self.zero_init_proj else layers.residual_std(self.init_std, self.n_layer)
         norm = dict(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         attn = layers.CausalSelfAttention(
             n_head=self.n_head, n_kv_head=self.n_kv_head, init_std=self.init_std, out_std=out_std,
             use_rope=True, rope_theta=self.rope_theta, rope_scaling=self.rope_scaling, head_dim=self.head_dim,
-            dropout=self.dropout, attention=self.attention,
+            dropout=self.dropout, attention=self.attention, qk_norm=self.qk_norm, norm_eps=self.norm_eps,
             dtype=self.dtype, param_dtype=self.param_dtype, name="attn")
-        if self.moe is None:
+        if self.moe is None and self.mlp_activation == "relu2":
+            mlp = layers.Relu2MLP(hidden=self.mlp_hidden, init_std=self.init_std, out_std=out_std, dtype=self.dtype,
+                                  param_dtype=self.param_dtype, name="mlp")
+        elif self.moe is None:
             mlp = layers.SwiGLU(hidden=self.mlp_hidden, init_std=self.init_std, out_std=out_std, dtype=self.dtype,
                                 param_dtype=self.param_dtype, name="mlp")
         else:
@@ -127,6 +139,11 @@ class Llama(nn.Module):
     residual_dtype: Dtype = jnp.float32  # the residual stream's dtype: float32 (the reference) or `dtype`
     head_dim: int = 0  # K, the size of each attention head; 0 = n_embd / n_head (imported models may differ)
     rope_scaling: tuple[float, float, float, int] | None = None  # Llama 3.1's long-context rope scaling
+    qk_norm: bool = False  # the recipe's options: module docstring
+    mlp_activation: str = "swiglu"
+    zero_init_proj: bool = False
+    logit_softcap: float = 0.0  # 0 = off
+    head_init_std: float = -1.0  # untied head: < 0 = init_std, 0 = zeros
 
     @nn.compact
     def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True, return_hidden: bool = False,
@@ -145,7 +162,9 @@ class Llama(nn.Module):
                               param_dtype=self.param_dtype,
                               moe=self.moe if self.moe is not None and self.moe.is_moe_layer(i) else None,
                               attention=self.attention, residual_dtype=self.residual_dtype,
-                              head_dim=self.head_dim, rope_scaling=self.rope_scaling, name=f"blocks_{i}")
+                              head_dim=self.head_dim, rope_scaling=self.rope_scaling, qk_norm=self.qk_norm,
+                              mlp_activation=self.mlp_activation, zero_init_proj=self.zero_init_proj,
+                              name=f"blocks_{i}")
             if cache is None and segment_ids_BxL is None and positions_BxL is None:
                 x_BxLxD = block(x_BxLxD, deterministic)
                 x_BxLxD = sharding.constrain(x_BxLxD, ACTIVATION_AXES)
@@ -160,8 +179,9 @@ class Llama(nn.Module):
         if return_hidden:  # the fused LM head + loss (loss.chunked_cross_entropy) takes it from here
             out = x_BxLxD
         elif self.tie_embeddings:
-            out = layers.tied_logits(x_BxLxD, embed.embedding, self.dtype)
+            out = layers.softcap(layers.tied_logits(x_BxLxD, embed.embedding, self.dtype), self.logit_softcap)
         else:
-            head = layers.lm_head(self.vocab_size, self.init_std, self.dtype, self.param_dtype)
-            out = head(x_BxLxD).astype(jnp.float32)
+            head_std = self.init_std if self.head_init_std < 0 else self.head_init_std
+            head = layers.lm_head(self.vocab_size, head_std, self.dtype, self.param_dtype)
+            out = layers.softcap(head(x_BxLxD).astype(jnp.float32), self.logit_softcap)
         return out if cache is None else (out, tuple(new_cache))
