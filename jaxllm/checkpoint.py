@@ -55,7 +55,7 @@ from jaxllm import distributed
 
 # Model fields that change parameter shapes: a checkpoint can only be restored into the same values.
 SHAPE_FIELDS = ("name", "n_layer", "n_embd", "n_head", "n_kv_head", "vocab_size", "mlp_hidden",
-                "mlp_multiple_of", "tie_embeddings", "param_dtype")
+                "mlp_multiple_of", "tie_embeddings", "param_dtype", "head_dim", "qk_norm", "mlp_activation")
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step folder being written
 

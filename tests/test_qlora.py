@@ -149,7 +149,7 @@ def moved(adapters):
     return jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape), adapters)
 
 
-@pytest.mark.parametrize("dtype, remat", [("float32", "none"),  # bf16 + remat: slow (CI time)
+@pytest.mark.parametrize("dtype, remat", [pytest.param("float32", "none", marks=pytest.mark.slow),  # CI time
                                           pytest.param("bfloat16", "dots", marks=pytest.mark.slow)])
 def test_qlora_forward_and_gradients_equal_lora_over_the_dequantized_weights(dtype, remat):
     config = small_config(**{})

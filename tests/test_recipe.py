@@ -327,7 +327,7 @@ def test_logit_softcap_bounds_and_tanh():
     np.testing.assert_allclose(capped, 3.0 * np.tanh(np.asarray(raw, np.float64) / 3.0), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("smoothing, z_loss", [(0.0, 0.0), (0.1, 1e-3)])
+@pytest.mark.parametrize("smoothing, z_loss", [pytest.param(0.0, 0.0, marks=pytest.mark.slow), (0.1, 1e-3)])
 def test_fused_head_with_softcap_equals_plain(smoothing, z_loss):
     rng = np.random.default_rng(4)
     hidden_BxLxD = jnp.asarray(rng.normal(size=(2, 12, 16)), jnp.float32)

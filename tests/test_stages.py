@@ -199,6 +199,7 @@ def test_finetune_counts_real_tokens_and_honours_full_eval_at_end(tmp_path):
     assert not any(r.get("full") for r in read_metrics(stage / "metrics.jsonl"))
 
 
+@pytest.mark.slow  # ~15 s; the pretraining budget stop: tests/test_loop.py
 def test_budget_stopped_finetune_is_finished(tmp_path, monkeypatch, capsys):
     """The fine-tune's budget (25 fake seconds: 3 steps of 10) stops it at step 3; the stage is finished:
     run again, it trains no step and writes no checkpoint or row, and says so."""
