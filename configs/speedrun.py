@@ -25,7 +25,11 @@ import wide
 
 
 def get_config():
-    c = wide.get_config()
+    return apply_recipe(wide.get_config())
+
+
+def apply_recipe(c):
+    """The recipe's model and optimizer settings on config `c` (also configs/speedrun_cpu.py's)."""
     c.model.qk_norm = True
     c.model.mlp_activation = "relu2"
     c.model.zero_init_proj = True

@@ -16,6 +16,7 @@ Untuned starting values; the proof runs against the reference recipe (docs/resul
 """
 
 import bench_cpu
+import speedrun
 
 
 def get_config():
@@ -24,26 +25,7 @@ def get_config():
     c.data.path = "../shared/data/textmix"  # relative to the repository root, as the README's examples
     c.data.val_split = "validation"  # tune on train / validation only, never on the test split
 
-    c.model.qk_norm = True
-    c.model.mlp_activation = "relu2"
-    c.model.zero_init_proj = True
-    c.model.tie_embeddings = False
-    c.model.head_init_std = 0.0
-    c.model.logit_softcap = 15.0
-
-    c.optim.name = "muon"
-    c.optim.muon_lr = 0.05
-    c.optim.muon_momentum = 0.95
-    c.optim.muon_momentum_start = 0.85
-    c.optim.muon_momentum_warmup_steps = 300
-    c.optim.lr = 0.008  # the AdamW group: embedding, LM head, norms
-    c.optim.beta1, c.optim.beta2 = 0.8, 0.95
-    c.optim.weight_decay = 0.0
-    c.optim.grad_clip = 1.0
-    c.optim.schedule = "wsd"
-    c.optim.warmup_pct = 0.01
-    c.optim.decay_pct = 1 / 3
-    c.optim.min_lr_ratio = 0.05
+    speedrun.apply_recipe(c)  # bench_cpu keeps its grad_clip of 1.0
 
     c.train.steps = 600  # the proof's token count: 600 x 8 x 256 = 1.23M tokens
     c.train.eval_every = 100

@@ -191,11 +191,6 @@ def put_global(tree, shardings):
     return jax.tree.map(place, tree, shardings)
 
 
-def put_replicated(tree, mesh: Mesh):
-    """`tree`'s arrays copied whole onto every device of the mesh (`put_global` with `replicated`)."""
-    return put_global(tree, replicated(mesh))
-
-
 def to_host(array: jax.Array) -> np.ndarray:
     """The whole of a (possibly sharded) device array as numpy, in every process (several processes: an
     all-gather of the parts the others hold)."""
