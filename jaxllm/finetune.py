@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import eval as eval_lib
 from jaxllm import loop
-from jaxllm import distributed, hardware, models, optim, pretrained, sharding, step as step_lib
+from jaxllm import distributed, hardware, models, optim, pretrained, sharding
 from jaxllm import stage as stage_lib
 from jaxllm.config import ConfigError
 from jaxllm.data import mathqa
@@ -221,12 +221,6 @@ def load_data(config, tokenizer, workdir: pathlib.Path):
             print(f"{name} {split}: skipped {report['rows'] - report['read']} of {report['rows']} rows: "
                   f"{report['skipped']}", file=sys.stderr)
     return data, questions
-
-
-def fresh_state(model, optimizer, config) -> step_lib.TrainState:
-    """A fresh stage state from random weights (`config.seed`): what scripts/bench.py's fine-tune figures
-    are read from; with LoRA the base comes quantized as configured."""
-    return step_lib.init_state(model, optimizer, config)
 
 
 def _export(directory: pathlib.Path, params) -> None:

@@ -91,8 +91,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run f
 
 from jaxllm import config as config_lib  # noqa: E402
 from jaxllm import finetune as finetune_lib  # noqa: E402
-from jaxllm import hardware, hlo, hugepages, models, optim, sharding, step as step_lib  # noqa: E402
+from jaxllm import hardware, hlo, hugepages, models, sharding, step as step_lib  # noqa: E402
 from jaxllm import stage as stage_lib  # noqa: E402
+from jaxllm import train as train_lib  # noqa: E402
 from jaxllm.data import batches as batches_lib  # noqa: E402
 from jaxllm.models import lora as lora_lib  # noqa: E402
 
@@ -121,11 +122,9 @@ def step_parts(config):
     """(model, optimizer, schedule, fresh state function) of the config's stage: `config.stages` is "pretrain"
     (the model and optimizer `jaxllm.train` builds) or "finetune" (a stage config: jaxllm/finetune.py's
     `build`, LoRA and a quantized base included)."""
-    if config.stages == "finetune":
-        model, optimizer, schedule = finetune_lib.build(config)
-        return model, optimizer, schedule, lambda: finetune_lib.fresh_state(model, optimizer, config)
-    model, optimizer = models.build_model(config.model, config.moe), optim.make_optimizer(config)
-    return model, optimizer, optim.make_schedule(config), lambda: step_lib.init_state(model, optimizer, config)
+    build = finetune_lib.build if config.stages == "finetune" else train_lib.build
+    model, optimizer, schedule = build(config)
+    return model, optimizer, schedule, lambda: step_lib.init_state(model, optimizer, config)
 
 
 def state_sizes(state, shardings, mesh) -> dict:

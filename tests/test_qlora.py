@@ -189,7 +189,7 @@ def step_temp_bytes(n_layer: int) -> int:
     model, optimizer, schedule = finetune_lib.build(c)
     mesh = sharding.make_mesh(1)
     train_step = step_lib.compile_train_step(step_lib.make_train_step(model, optimizer, schedule, c, mesh), mesh)
-    state = jax.eval_shape(lambda: finetune_lib.fresh_state(model, optimizer, c))
+    state = jax.eval_shape(lambda: step_lib.init_state(model, optimizer, c))
     batch = {name: jax.ShapeDtypeStruct((1, 1, 8), jnp.float32 if name == "weights" else jnp.int32)
              for name in ("inputs", "targets", "weights")}
     return train_step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
