@@ -12,8 +12,9 @@ the schedule fitted to the 3-hour budget). Why keep it:
   of 10 layers), against ~1e17 FLOPs of forward and backward: negligible;
 - a faster optimizer favours more tokens per parameter over a larger model (the speedrun records train
   124M-parameter models on ~0.7-3B tokens), so there is no case for a wider model at equal time.
-Re-check the shape with the planner once it exists: `python -m jaxllm.plan --budget_hours 3 --device a100`
-(the other half of issue 14), with the measured throughput of a first run (`--measured RUN`).
+The planner agrees: `python -m jaxllm.plan --budget_hours 3 --device a100 --mfu 0.4` recommends 10L/1024/16h
+(180M parameters, 1.21B tokens, 6.7 per parameter; Chinchilla's ~20 would be 10L/768/12h on 1.98B tokens);
+re-run it with the throughput a first run of this config measured (`--measured RUN`).
 
 Recipe values as configs/speedrun_cpu.py (Muon 0.05 with momentum warm-up, AdamW 0.008 on embedding / head /
 norms, wsd decaying over the last third to 0.05, qk_norm, relu^2, zero-init o / w2 and head, softcap 15);

@@ -28,7 +28,7 @@ def get_config():
     speedrun.apply_recipe(c)  # bench_cpu keeps its grad_clip of 1.0
 
     c.train.steps = 600  # the proof's token count: 600 x 8 x 256 = 1.23M tokens
-    c.train.eval_every = 100
+    c.train.eval_every = 50
     c.train.eval_batches = 16
     c.train.checkpoint_every = 600
     return c
