@@ -11,7 +11,12 @@ It prints one table, a row per run:
   evaluations and checkpoints included);
 - tokens/s: the median of the train rows' `tokens_per_s` (steady-state throughput, compilation left out);
 - reaches A's loss at: the wall time at which the run's validation loss first reached the first run's final
-  val loss (the equal-loss comparison; "-" if it never did).
+  one (the equal-loss comparison; "-" if it never did). Like is compared with like: the first run's last
+  sampled validation loss against the others' sampled ones (every run evaluates the same fixed validation
+  batches, `train.eval_batches`), and only when the first run has no sampled row its full pass against the
+  others' full passes. A full pass averages over windows the sample leaves out, so setting a sampled loss
+  against it would credit or handicap a run by the sample's difficulty (on textmix the 16 sampled batches
+  sit ~0.05 nats below the full pass).
 
 and draws one PNG of 2 x 2 panels: validation loss (top) and training loss (bottom) against tokens (left) and
 against wall-clock time (right), a line per run, labelled by its folder name (a star: the full validation
@@ -112,9 +117,20 @@ def at_steps(rows: list[dict[str, Any]], key: str, steps: list[float]) -> list[f
     return list(np.interp(steps, [s for s, _ in known], [v for _, v in known]))
 
 
-def time_to_loss(rows: list[dict[str, Any]], target: float) -> float | None:
-    """Wall seconds at the first validation row whose loss is <= `target` (None: never, or no times)."""
+def reach_target(rows: list[dict[str, Any]]) -> tuple[float, bool] | None:
+    """(loss, full) the other runs must reach: the last sampled validation loss of `rows`, else (a run with
+    only full passes) its last full one; None when it has no validation loss."""
     val = [r for r in rows if r.get("split") == "val" and _finite(r.get("loss"))]
+    sampled = [r for r in val if not r.get("full")]
+    if sampled:
+        return sampled[-1]["loss"], False
+    return (val[-1]["loss"], True) if val else None
+
+
+def time_to_loss(rows: list[dict[str, Any]], target: float, full: bool = False) -> float | None:
+    """Wall seconds at the first validation row (sampled ones, or with `full` the full passes) whose loss is
+    <= `target` (None: never, or no times)."""
+    val = [r for r in rows if r.get("split") == "val" and _finite(r.get("loss")) and bool(r.get("full")) == full]
     hit = next((r for r in val if r["loss"] <= target), None)
     if hit is None:
         return None
@@ -231,8 +247,8 @@ def compare(runs: list[str | pathlib.Path], *, stage: str | None = None,
     rows = [load_rows(folder) for folder in folders]
     names = labels(runs)
     summaries = [summarize(r, name) for r, name in zip(rows, names)]
-    target = summaries[0].final_val_loss
-    reach = [time_to_loss(r, target) for r in rows] if target is not None and len(runs) > 1 else None
+    target = reach_target(rows[0])
+    reach = [time_to_loss(r, *target) for r in rows] if target is not None and len(runs) > 1 else None
     text = table(summaries, reach)
     return text, (draw(list(zip(names, rows)), out) if out is not None else None)
 

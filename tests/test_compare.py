@@ -31,7 +31,8 @@ def train_row(step, loss, tokens_per_s, elapsed_s, tokens_per_step=1000):
 SLOW = [train_row(1, 6.0, float("nan"), 20.0), train_row(2, 5.0, 100.0, 30.0), {"step": 2, "split": "val", "loss": 5.5},
         train_row(3, 4.5, 300.0, 40.0), train_row(4, 4.0, 200.0, 50.0), {"step": 4, "split": "val", "loss": 4.2},
         {"step": 4, "split": "val", "loss": 4.1, "full": True}]
-# Run "fast": the same tokens in half the time, no full pass; its val loss reaches slow's 4.1 at step 2 (15 s).
+# Run "fast": the same tokens in half the time, no full pass; its val loss reaches slow's last sampled 4.2 at
+# step 2 (15 s): sampled losses are set against sampled ones, never against slow's full 4.1.
 FAST = [train_row(1, 5.0, float("nan"), 10.0), train_row(2, 4.0, 400.0, 15.0),
         {"step": 2, "split": "val", "loss": 4.05}, train_row(4, 3.5, 400.0, 25.0),
         {"step": 4, "split": "val", "loss": 3.75}]
@@ -42,8 +43,13 @@ def test_summarize_reads_final_full_val_tokens_wall_time_and_median_rate():
     assert slow == compare.RunSummary(name="slow", steps=4, tokens=4000, wall_s=50.0, tokens_per_s=200.0,
                                       first_val_loss=5.5, final_val_loss=4.1, final_val_full=True)
     assert (fast.final_val_loss, fast.final_val_full, fast.tokens_per_s, fast.wall_s) == (3.75, False, 400.0, 25.0)
-    assert compare.time_to_loss(FAST, 4.1) == 15.0 and compare.time_to_loss(SLOW, 4.1) == 50.0
+    assert compare.time_to_loss(FAST, 4.2) == 15.0 and compare.time_to_loss(SLOW, 4.2) == 50.0
     assert compare.time_to_loss(SLOW, 3.0) is None
+    assert compare.reach_target(SLOW) == (4.2, False) and compare.reach_target(FAST) == (3.75, False)
+    only_full = [r for r in SLOW if r["split"] == "train" or r.get("full")]
+    assert compare.reach_target(only_full) == (4.1, True)
+    assert compare.time_to_loss(only_full, 4.1, full=True) == 50.0 and compare.time_to_loss(FAST, 4.1, True) is None
+    assert compare.time_to_loss(SLOW, 4.1) is None  # its sampled losses never reach 4.1; only its full pass does
     # A validation row's tokens and time are read off the train rows at its step (step 3 lies between 2 and 4).
     assert compare.at_steps(FAST, "elapsed_s", [2, 3, 4]) == [15.0, 20.0, 25.0]
 
