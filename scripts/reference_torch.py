@@ -43,7 +43,7 @@ from jaxllm.data import batches, prepare  # noqa: E402
 COMMIT = "f016ae5"
 
 
-class ReferenceError(RuntimeError):
+class BaselinesError(RuntimeError):
     """A reference checkout or config this script cannot run, said in one sentence."""
 
 
@@ -53,10 +53,10 @@ def reference_flags(config) -> list[str]:
     plain = (m.name == "llama" and m.n_kv_head in (0, m.n_head) and not m.mlp_hidden and m.tie_embeddings
              and m.mlp_activation == "swiglu" and not (m.qk_norm or m.zero_init_proj or m.logit_softcap))
     if not plain or m.rope_theta != 10000 or m.head_init_std >= 0:
-        raise ReferenceError("the reference's llama2 is plain multi-head attention (RoPE theta 10000) with SwiGLU of "
+        raise BaselinesError("the reference's llama2 is plain multi-head attention (RoPE theta 10000) with SwiGLU of "
                              "the default width and a tied head; this config's model differs (see model.*)")
     if o.name != "adamw" or o.schedule not in ("cos", "linear") or o.div_factor != 100 or o.final_div_factor != 0.1:
-        raise ReferenceError("the reference trains with AdamW on the one-cycle schedule (optim.schedule cos or "
+        raise BaselinesError("the reference trains with AdamW on the one-cycle schedule (optim.schedule cos or "
                              "linear, div_factor 100, final_div_factor 0.1); this config asks for something else")
     return ["--model", "llama2", "--n_layer", str(m.n_layer), "--n_embd", str(m.n_embd), "--n_head", str(m.n_head),
             "--sequence_length", str(m.sequence_length), "--vocab_size", str(m.vocab_size),
@@ -110,7 +110,7 @@ def load_reference(baselines: pathlib.Path):
     """Import the reference's `main` module from checkout `baselines` (its src/ on sys.path)."""
     src = baselines / "src"
     if not (src / "main.py").is_file() or not (src / "optim" / "base.py").is_file():
-        raise ReferenceError(f"{baselines} is not an llm-baselines checkout (no src/main.py); clone "
+        raise BaselinesError(f"{baselines} is not an llm-baselines checkout (no src/main.py); clone "
                              f"epfml/llm-baselines and check out {COMMIT}")
     sys.path.insert(0, str(src))
     import main as reference_main  # noqa: E402  (the reference's own module)
@@ -170,4 +170,8 @@ def _parse_reference_args(reference_main, flags: list[str]):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (BaselinesError, config_lib.ConfigError, tokenizer_lib.TokenizerError, prepare.DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

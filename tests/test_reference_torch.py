@@ -40,7 +40,7 @@ def test_flags_are_the_reference_recipe_of_the_config():
 def test_recipes_the_reference_cannot_run_are_refused(overrides):
     config_file = "speedrun_cpu.py" if not overrides else "reference_cpu.py"
     config = config_lib.load_config(str(ROOT / "configs" / config_file), overrides)
-    with pytest.raises(reference_torch.ReferenceError, match="reference"):
+    with pytest.raises(reference_torch.BaselinesError, match="reference"):
         reference_torch.reference_flags(config)
 
 
