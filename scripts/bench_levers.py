@@ -39,10 +39,10 @@ def main(argv=None) -> int:
     for spec in args.variant:
         name, _, overrides = spec.partition(":")
         config = config_lib.load_config(args.config, [o for o in overrides.split(",") if o])
-        state, train_step, device_batch, n_devices = bench.build(config)
+        state, train_step, device_batch, mesh, _ = bench.build(config)
         state, _, compile_s, _ = bench.timed_step(state, train_step, device_batch, 0)
         runs.append({"name": name, "config": config, "state": state, "step": train_step, "batch": device_batch,
-                     "n_devices": n_devices, "compile_s": compile_s, "times": []})
+                     "n_devices": mesh.size, "compile_s": compile_s, "times": []})
     print(f"load before: {os.getloadavg()}", file=sys.stderr)
     for round_number in range(1, 1 + args.warmup + args.rounds):
         for run in runs:

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     except config_lib.ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    state, train_step, device_batch, _ = bench.build(config)
+    state, train_step, device_batch, *_ = bench.build(config)
     hlo = train_step.lower(state, device_batch(0)).compile().as_text()
     for step_number in range(2):
         state, *_ = bench.timed_step(state, train_step, device_batch, step_number)

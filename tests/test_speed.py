@@ -328,3 +328,43 @@ def test_bench_compile_only_memory_is_per_device(capsys):
         state_mb = line["params_mb_per_device"] + line["opt_state_mb_per_device"]
         assert line["argument_mb"] == pytest.approx(state_mb, abs=0.15), line
     assert fsdp["argument_mb"] < 0.4 * data["argument_mb"]
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY_BENCH = ["model.n_layer=1", "model.n_embd=64", "model.vocab_size=320", "model.sequence_length=32",
+              "train.batch_size=4", "loss.head_chunk=0"]
+
+
+def test_bench_levers_times_variants_round_robin_against_the_first(capsys):
+    """scripts/bench_levers.py builds every variant through bench.build and prints one line each, the
+    first variant's ratio 1 and every ratio its tokens/s over the first's."""
+    levers = _load_script("bench_levers")
+    tiny = ",".join(TINY_BENCH)
+    code = levers.main(["--config", str(ROOT / "configs" / "bench_cpu.py"), "--rounds", "2", "--warmup", "1",
+                        "--variant", f"base:{tiny}", "--variant", f"qk:{tiny},model.qk_norm=true"])
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [line["variant"] for line in lines] == ["base", "qk"]
+    assert lines[0]["ratio"] == 1.0
+    assert lines[1]["ratio"] == pytest.approx(lines[1]["tokens_per_s"] / lines[0]["tokens_per_s"], abs=1e-3)
+    assert all(np.isfinite(line["loss"]) for line in lines)
+
+
+def test_profile_step_attributes_the_step_time_to_ops(capsys):
+    """scripts/profile_step.py profiles the real step (bench.build's) and attributes op time to kinds of
+    instruction, with the dot dtypes of the compiled step."""
+    profile = _load_script("profile_step")
+    code = profile.main(["--config", str(ROOT / "configs" / "bench_cpu.py"), "--steps", "1", "--top", "3",
+                         "--config.model.dtype=float32", *(f"--config.{item}" for item in TINY_BENCH)])
+    assert code == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("wall ") and "ms/step" in out[0]
+    assert out[1].startswith("by root instruction (ms/step): ") and "dot" in out[1]
+    assert out[2].startswith("dot operand dtypes: f32 x f32: ")
+    assert len(out) == 3 + 3  # the three slowest ops
