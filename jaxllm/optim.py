@@ -8,9 +8,10 @@ Weight decay is decoupled from the gradient statistics and multiplied by the lea
 AdamW (`p -= lr * wd * p`), and applies only to linear-layer weight matrices (`decay_mask`).
 
 Muon (`optim.name=muon`, `make_muon`): the blocks' projection kernels (`muon_labels`) get optax's Muon
-(optax.contrib: Nesterov momentum, 5 quintic Newton-Schulz steps with Keller Jordan's coefficients, the
-update scaled by sqrt(max(1, fan_out / fan_in))); everything else gets AdamW as `adamw` would. Each group
-has its own peak lr (optim.muon_lr, optim.lr) on the same schedule shape.
+update (optax.contrib: Nesterov momentum, 5 quintic Newton-Schulz steps with Keller Jordan's coefficients;
+the iteration on plain matrices: `scale_by_muon`), scaled by sqrt(max(1, fan_out / fan_in)); everything
+else gets AdamW as `adamw` would. Each group has its own peak lr (optim.muon_lr, optim.lr) on the same
+schedule shape.
 """
 
 from __future__ import annotations
@@ -176,14 +177,57 @@ def muon_labels(params) -> Any:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def _muon_dimension_numbers(updates) -> Any:
-    """optax's MuonDimensionNumbers for the Muon group's leaves (the others are optax MaskedNodes, no leaves):
-    [I, O] reduces axis 0; stacked experts [E, I, O] axis 1, the expert axis a batch axis (vmapped)."""
-    def numbers(leaf):
-        axis = jnp.ndim(leaf) - 2
-        return optax.contrib.MuonDimensionNumbers(reduction_axis=axis, output_axis=axis + 1)
+MUON_NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic (optax's default)
 
-    return jax.tree.map(numbers, updates)
+
+def newton_schulz(x: jax.Array, coeffs: jax.Array, steps: int, eps: float = 1e-8) -> jax.Array:
+    """Orthogonalise `x` [I, O] (or each [I, O] of stacked experts [E, I, O]) as optax's
+    `orthogonalize_via_newton_schulz` does: on the wider orientation, X / (||X||_F + eps), then `steps` times
+    X <- a X + (b A + c A A) X with A = X X^T, (a, b, c) = `coeffs`; the same operations in the same order.
+
+    Written out because optax runs every matrix through `jax.vmap` (a batch of 1 for a plain kernel), and
+    XLA:CPU then copies a transposed operand of the batched dots at every iteration (15 transposes for a
+    [1024, 256] kernel, 5 for [256, 256], none here), measured as 5.7% of the modern recipe's step on this
+    CPU (docs/results.md). Plain 2-D dots are what every backend does best.
+    """
+    if x.ndim == 3:
+        return jax.vmap(lambda m: newton_schulz(m, coeffs, steps, eps))(x)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    coeffs = coeffs.astype(x.dtype)
+    x = x / (jnp.linalg.norm(x, ord="fro") + eps)
+    for _ in range(steps):
+        a = x @ x.T
+        b = coeffs[1] * a + coeffs[2] * a @ a
+        x = coeffs[0] * x + b @ x
+    return x.T if tall else x
+
+
+def scale_by_muon(ns_coeffs=MUON_NS_COEFFS, ns_steps: int = 5, beta: float = 0.95, eps: float = 1e-8, *,
+                  nesterov: bool = True) -> optax.GradientTransformation:
+    """optax.contrib.scale_by_muon (its momentum, bias corrections, Nesterov mix and MuonState, so checkpoints
+    of either read in the other), orthogonalising with `newton_schulz` on plain matrices instead of optax's
+    vmapped iteration. tests/test_recipe.py checks the two updates agree."""
+
+    def init(params):
+        return optax.contrib.MuonState(count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params),
+                                       ns_coeffs=jnp.asarray(ns_coeffs))
+
+    def update(updates, state, params=None):
+        del params
+        mu = optax.tree.update_moment(updates, state.mu, beta, 1)
+        count = optax.safe_increment(state.count)
+        if nesterov:
+            mu_hat = jax.tree.map(lambda m, g: beta * m + (1 - beta) * g,
+                                  optax.tree.bias_correction(mu, beta, optax.safe_increment(count)),
+                                  optax.tree.bias_correction(updates, beta, count))
+        else:
+            mu_hat = optax.tree.bias_correction(mu, beta, count)
+        updates = jax.tree.map(lambda m: newton_schulz(m, state.ns_coeffs, ns_steps, eps), mu_hat)
+        return updates, optax.contrib.MuonState(count=count, mu=mu, ns_coeffs=state.ns_coeffs)
+
+    return optax.GradientTransformation(init, update)
 
 
 def scale_by_width() -> optax.GradientTransformation:
@@ -217,7 +261,7 @@ def muon_momentum(config) -> float | optax.Schedule:
 def make_muon(config) -> optax.GradientTransformation:
     """Muon on `muon_labels`' "muon" leaves, AdamW on the rest (`optax.partition`), each with its own lr.
 
-    Muon group: optax.contrib.scale_by_muon (momentum EMA m = beta m + (1 - beta) g; Nesterov: beta m + (1 -
+    Muon group: `scale_by_muon`, optax.contrib.scale_by_muon's update (momentum EMA m = beta m + (1 - beta) g; Nesterov: beta m + (1 -
     beta) g; then 5 Newton-Schulz steps of X <- a X + (b A + c A^2) X, A = X X^T, (a, b, c) = (3.4445, -4.7750,
     2.0315), after X / (||X||_F + 1e-8), on the wider orientation), `scale_by_width`
     (sqrt(max(1, fan_out / fan_in)), Keller Jordan's width scaling, as optax's `muon`), decoupled weight decay
@@ -230,14 +274,13 @@ def make_muon(config) -> optax.GradientTransformation:
     AdamW group: exactly `make_optimizer`'s adamw (optim.lr, betas, eps, weight_decay on `decay_mask`).
     """
     o = config.optim
-    muon_kwargs = dict(ns_steps=int(o.muon_ns_steps), nesterov=bool(o.muon_nesterov),
-                       weight_dimension_numbers=_muon_dimension_numbers)
+    muon_kwargs = dict(ns_steps=int(o.muon_ns_steps), nesterov=bool(o.muon_nesterov))
     momentum = muon_momentum(config)
     if callable(momentum):
-        orthogonalise = optax.inject_hyperparams(optax.contrib.scale_by_muon, static_args=tuple(muon_kwargs))(
+        orthogonalise = optax.inject_hyperparams(scale_by_muon, static_args=tuple(muon_kwargs))(
             beta=momentum, **muon_kwargs)
     else:
-        orthogonalise = optax.contrib.scale_by_muon(beta=momentum, **muon_kwargs)
+        orthogonalise = scale_by_muon(beta=momentum, **muon_kwargs)
     muon = optax.chain(orthogonalise,
                        scale_by_width(),
                        optax.add_decayed_weights(o.muon_weight_decay, mask=decay_mask),
