@@ -89,10 +89,15 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _val_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The validation rows with a finite loss, sampled and full passes alike, in order."""
+    return [r for r in rows if r.get("split") == "val" and _finite(r.get("loss"))]
+
+
 def summarize(rows: list[dict[str, Any]], name: str) -> RunSummary:
     """The table's row of a run from its metrics.jsonl `rows` (see the module docstring)."""
     train = [r for r in rows if r.get("split") == "train"]
-    val = [r for r in rows if r.get("split") == "val" and _finite(r.get("loss"))]
+    val = _val_rows(rows)
     sampled = [r for r in val if not r.get("full")]
     full = [r for r in val if r.get("full")]
     last_step = max((r["step"] for r in train + val), default=None)
@@ -120,7 +125,7 @@ def at_steps(rows: list[dict[str, Any]], key: str, steps: list[float]) -> list[f
 def reach_target(rows: list[dict[str, Any]]) -> tuple[float, bool] | None:
     """(loss, full) the other runs must reach: the last sampled validation loss of `rows`, else (a run with
     only full passes) its last full one; None when it has no validation loss."""
-    val = [r for r in rows if r.get("split") == "val" and _finite(r.get("loss"))]
+    val = _val_rows(rows)
     sampled = [r for r in val if not r.get("full")]
     if sampled:
         return sampled[-1]["loss"], False
@@ -130,7 +135,7 @@ def reach_target(rows: list[dict[str, Any]]) -> tuple[float, bool] | None:
 def time_to_loss(rows: list[dict[str, Any]], target: float, full: bool = False) -> float | None:
     """Wall seconds at the first validation row (sampled ones, or with `full` the full passes) whose loss is
     <= `target` (None: never, or no times)."""
-    val = [r for r in rows if r.get("split") == "val" and _finite(r.get("loss")) and bool(r.get("full")) == full]
+    val = [r for r in _val_rows(rows) if bool(r.get("full")) == full]
     hit = next((r for r in val if r["loss"] <= target), None)
     if hit is None:
         return None

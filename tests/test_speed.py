@@ -193,15 +193,16 @@ def test_mfu_by_hand():
     assert np.isnan(hardware.mfu(1000.0, 1e8, 0.0)) and np.isnan(hardware.mfu(1000.0, 0.0, 1e12))
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+def _load_script(name):
+    """scripts/NAME.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_bench_prints_the_issue_json_line(capsys):
-    bench = _load_bench()
+    bench = _load_script("bench")
     code = bench.main(["--config", str(ROOT / "configs" / "bench_cpu.py"), "--steps", "3", "--warmup", "1",
                        "--config.model.n_layer=1", "--config.model.n_embd=64", "--config.model.vocab_size=320",
                        "--config.model.sequence_length=32", "--config.train.batch_size=4",
@@ -242,7 +243,7 @@ def test_bench_cpu_config_is_the_issue_model():
 
 
 def test_bench_compile_only_reports_memory(capsys):
-    bench = _load_bench()
+    bench = _load_script("bench")
     assert bench.main(["--config", str(ROOT / "configs" / "bench_cpu.py"), "--compile_only",
                        "--config.model.n_layer=1", "--config.model.n_embd=64", "--config.model.vocab_size=320",
                        "--config.model.sequence_length=32"]) == 0
@@ -257,7 +258,7 @@ def test_bench_compile_only_reports_memory(capsys):
 
 def test_bench_finetune_stage_reports_lora_and_qlora_state_sizes(capsys):
     """`--stage finetune`: the fine-tune stage's step, LoRA adapters trained, the base frozen (and quantized)."""
-    bench = _load_bench()
+    bench = _load_script("bench")
     dims = ["--config.model.n_layer=2", "--config.model.n_embd=256", "--config.model.vocab_size=320",
             "--config.model.sequence_length=32", "--config.finetune.train.batch_size=2",
             "--config.finetune.train.num_devices=1"]
@@ -284,7 +285,7 @@ def test_bench_per_device_state_follows_the_mesh():
     """On 4 devices, fsdp:4 leaves each device a quarter of every matrix and the whole of each norm scale;
     data:4 the whole state. bench's per-device figures come from the shardings (no array needed, as under
     --compile_only); on fsdp:4 they equal the bytes of the real arrays' shards on one device."""
-    bench = _load_bench()
+    bench = _load_script("bench")
     per_device, whole = {}, None
     for spec in ("data:4", "fsdp:4"):
         config = config_lib.load_config(str(ROOT / "configs" / "bench_cpu.py"), [*PER_DEVICE_DIMS, f"train.mesh={spec}"])
@@ -314,7 +315,7 @@ def test_bench_per_device_state_follows_the_mesh():
 def test_bench_compile_only_memory_is_per_device(capsys):
     """XLA's memory analysis of the compiled fsdp:4 step is one device's program: its arguments are that
     device's shards of the state and its rows of the batch, a quarter of data:4's (the whole state)."""
-    bench = _load_bench()
+    bench = _load_script("bench")
     lines = {}
     for spec in ("data:4", "fsdp:4"):
         assert bench.main(["--config", str(ROOT / "configs" / "bench_cpu.py"), "--compile_only", "--num_devices", "4",
@@ -328,13 +329,6 @@ def test_bench_compile_only_memory_is_per_device(capsys):
         state_mb = line["params_mb_per_device"] + line["opt_state_mb_per_device"]
         assert line["argument_mb"] == pytest.approx(state_mb, abs=0.15), line
     assert fsdp["argument_mb"] < 0.4 * data["argument_mb"]
-
-
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 TINY_BENCH = ["model.n_layer=1", "model.n_embd=64", "model.vocab_size=320", "model.sequence_length=32",
