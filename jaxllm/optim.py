@@ -187,8 +187,9 @@ def newton_schulz(x: jax.Array, coeffs: jax.Array, steps: int, eps: float = 1e-8
 
     Written out because optax runs every matrix through `jax.vmap` (a batch of 1 for a plain kernel), and
     XLA:CPU then copies a transposed operand of the batched dots at every iteration (15 transposes for a
-    [1024, 256] kernel, 5 for [256, 256], none here), measured as 5.7% of the modern recipe's step on this
-    CPU (docs/results.md). Plain 2-D dots are what every backend does best.
+    [1024, 256] kernel, 5 for [256, 256]; here none, or the two into and out of the wide orientation): 5.7%
+    of the modern recipe's op time on this CPU (docs/benchmarks.md, lever 14). Plain 2-D dots are what
+    every backend does best.
     """
     if x.ndim == 3:
         return jax.vmap(lambda m: newton_schulz(m, coeffs, steps, eps))(x)
@@ -261,9 +262,9 @@ def muon_momentum(config) -> float | optax.Schedule:
 def make_muon(config) -> optax.GradientTransformation:
     """Muon on `muon_labels`' "muon" leaves, AdamW on the rest (`optax.partition`), each with its own lr.
 
-    Muon group: `scale_by_muon`, optax.contrib.scale_by_muon's update (momentum EMA m = beta m + (1 - beta) g; Nesterov: beta m + (1 -
-    beta) g; then 5 Newton-Schulz steps of X <- a X + (b A + c A^2) X, A = X X^T, (a, b, c) = (3.4445, -4.7750,
-    2.0315), after X / (||X||_F + 1e-8), on the wider orientation), `scale_by_width`
+    Muon group: `scale_by_muon`, optax.contrib.scale_by_muon's update (momentum EMA m = beta m + (1 - beta) g;
+    Nesterov: beta m + (1 - beta) g; then 5 Newton-Schulz steps of X <- a X + (b A + c A^2) X, A = X X^T,
+    (a, b, c) = (3.4445, -4.7750, 2.0315), after X / (||X||_F + 1e-8), on the wider orientation), `scale_by_width`
     (sqrt(max(1, fan_out / fan_in)), Keller Jordan's width scaling, as optax's `muon`), decoupled weight decay
     optim.muon_weight_decay, times -schedule(muon_lr). One difference from Keller Jordan's PyTorch Muon:
     optax bias-corrects both terms of the Nesterov mix (m / (1 - beta^(t+1)) and g / (1 - beta^t)), which
